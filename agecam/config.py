@@ -1,0 +1,297 @@
+"""The one typed configuration schema, loaded from YAML, with errors that name their field."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_MODELS_DIR = Path(os.environ.get("AGECAM_MODELS_DIR", Path.home() / ".cache" / "agecam" / "models"))
+
+
+class _Section(BaseModel):
+    """Base for every section: unknown keys are refused, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CameraConfig(_Section):
+    """One frame source and how to read it."""
+
+    name: str = Field(
+        description="Short unique name; used in event topics, metric labels and preview URLs.",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+    )
+    source: str | int = Field(
+        description="'demo' (synthetic scene of real faces), a video file path, a camera index or /dev/videoN, "
+        "or an rtsp:// URL (credentials in the URL are never logged).",
+    )
+    loop: bool = Field(False, description="Replay a video file from the start when it ends instead of ending the camera.")
+    enabled: bool = Field(True, description="Skip this camera without deleting its section.")
+    max_fps: float | None = Field(
+        None, gt=0, description="Process at most this many frames per second; extra frames are skipped. None: source rate."
+    )
+    width: int | None = Field(None, gt=0, description="Requested capture width for USB cameras; None keeps the driver's.")
+    height: int | None = Field(None, gt=0, description="Requested capture height for USB cameras; None keeps the driver's.")
+    open_timeout_s: float = Field(10.0, gt=0, description="Give up opening a source after this long; longer tolerates slow RTSP servers.")
+    read_timeout_s: float = Field(5.0, gt=0, description="Watchdog: no frame for this long marks the camera offline and reconnects.")
+    reconnect_min_s: float = Field(0.5, gt=0, description="First reconnect delay; doubled after each failure.")
+    reconnect_max_s: float = Field(30.0, gt=0, description="Cap on the reconnect delay; lower reconnects faster but hammers a dead server.")
+    demo_seed: int = Field(0, description="Seed of the demo scene (only for source 'demo').")
+    demo_duration_s: float | None = Field(
+        None, gt=0, description="Length of the demo scene; it ends the camera afterwards unless loop is true. None: endless."
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, v: str | int) -> str | int:
+        if isinstance(v, int):
+            if v < 0:
+                raise ValueError("a camera index must be 0 or more")
+            return v
+        if not v.strip():
+            raise ValueError("must not be empty; use 'demo', a file path, a camera index, /dev/videoN or rtsp://...")
+        if re.fullmatch(r"\d+", v):
+            return int(v)
+        return v
+
+
+class DetectorConfig(_Section):
+    """Face detector choice and its cadence."""
+
+    kind: Literal["mtcnn", "scrfd"] = Field(
+        "mtcnn", description="mtcnn: the fetched offline default. scrfd: an insightface SCRFD ONNX you bring (set model)."
+    )
+    model: Path | None = Field(
+        None, description="Detector ONNX file (required for scrfd); None uses the fetched MTCNN models."
+    )
+    min_face_px: int = Field(
+        40, ge=12, le=1024, description="Smallest face side searched for; smaller finds distant faces but costs more CPU."
+    )
+    score_threshold: float = Field(
+        0.7, ge=0.0, le=1.0, description="Minimum detection score; lower finds more faces and more false positives."
+    )
+    full_frame_interval_s: float = Field(
+        0.5,
+        ge=0.0,
+        description="A full-frame search at most this often; between them only regions around live tracks are searched. "
+        "0 searches every frame in full (most CPU, fastest discovery of new faces).",
+    )
+    input_max_px: int = Field(
+        640, ge=64, description="Frames are downscaled so their long side is at most this before detection."
+    )
+
+
+class TrackerConfig(_Section):
+    """ByteTrack-style association settings."""
+
+    high_score: float = Field(0.8, ge=0, le=1, description="Detections at or above this score can start tracks.")
+    low_score: float = Field(0.5, ge=0, le=1, description="Detections between low and high only extend existing tracks.")
+    match_iou: float = Field(0.2, gt=0, le=1, description="Minimum IoU to match a detection to a track; lower follows fast motion, risks swaps.")
+    confirm_hits: int = Field(3, ge=1, description="Matched detections needed before a track is confirmed and announced.")
+    lost_track_buffer_s: float = Field(
+        1.5, ge=0, description="Seconds a lost track is kept for re-identification; longer bridges occlusions, risks swaps."
+    )
+
+
+class AgeConfig(_Section):
+    """Age model and how often tracks are sampled."""
+
+    model: Path | None = Field(None, description="Age model ONNX following the agecam contract; None uses the fetched reference model.")
+    landmarks: Literal["detector", "dlib5"] = Field(
+        "detector",
+        description="Where chip landmarks come from: the detector's 5 points, or dlib's 5-point predictor on the box "
+        "(closer to the reference model's training chips; needs dlib and costs ~1 ms per face).",
+    )
+    first_sample_s: float = Field(0.0, ge=0, description="Delay after a track is confirmed before its first sample.")
+    unconverged_interval_s: float = Field(0.3, gt=0, description="Sample interval while the estimate is not yet stable.")
+    converged_interval_s: float = Field(3.0, gt=0, description="Sample interval once stable; higher saves CPU.")
+    stable_std_years: float = Field(4.0, gt=0, description="A track is stable once the std of its mean age is at or below this.")
+    stable_min_samples: int = Field(5, ge=1, description="...and it has at least this many samples.")
+    max_samples: int = Field(60, ge=1, description="Samples kept per track (oldest forgotten first).")
+    min_face_px: int = Field(32, ge=8, description="Faces smaller than this are not sampled.")
+    min_quality: float = Field(0.15, ge=0, le=1, description="Crops whose quality (size, sharpness, pose) is below this are skipped.")
+    max_batch: int = Field(16, ge=1, le=256, description="Largest age batch across cameras; bigger is faster per face but adds latency.")
+
+
+class EventsConfig(_Section):
+    """ZeroMQ event publisher."""
+
+    bind: str = Field("tcp://127.0.0.1:5556", description="ZeroMQ PUB endpoint; loopback by default.")
+    hwm: int = Field(10000, ge=1, description="ZeroMQ send high-water mark; beyond it messages to slow subscribers are dropped.")
+    queue_size: int = Field(10000, ge=1, description="Internal publish queue; when full, events are dropped and counted.")
+    update_min_delta_years: float = Field(1.0, ge=0, description="A track.update is sent when the age moves by at least this much...")
+    update_max_interval_s: float = Field(5.0, gt=0, description="...or at least this often while the track lives.")
+
+    @field_validator("bind")
+    @classmethod
+    def _check_bind(cls, v: str) -> str:
+        if not re.fullmatch(r"(tcp://[^\s:]+:\d{1,5}|ipc://\S+|inproc://\S+)", v):
+            raise ValueError("expected tcp://HOST:PORT, ipc://PATH or inproc://NAME, e.g. tcp://127.0.0.1:5556")
+        return v
+
+
+def _check_host_port(v: str | None) -> str | None:
+    if v is None:
+        return v
+    m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):(\d{1,5})", v)
+    if not m or not 0 <= int(m.group(2)) <= 65535:
+        raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:9108")
+    return v
+
+
+class MetricsConfig(_Section):
+    """Prometheus endpoint."""
+
+    bind: str | None = Field("127.0.0.1:9108", description="HOST:PORT serving /metrics; null disables it.")
+
+    _v = field_validator("bind")(classmethod(lambda cls, v: _check_host_port(v)))
+
+
+class PreviewConfig(_Section):
+    """Annotated live preview over HTTP."""
+
+    bind: str | None = Field("127.0.0.1:8080", description="HOST:PORT serving the preview; null disables it.")
+    token: str | None = Field(
+        None, description="Required as ?token= or Authorization: Bearer when set; mandatory when bind is not loopback."
+    )
+    max_fps: float = Field(10.0, gt=0, description="Cap on MJPEG frames per second per viewer; lower saves CPU.")
+    jpeg_quality: int = Field(80, ge=10, le=100, description="JPEG quality of preview frames.")
+    record_path: Path | None = Field(
+        None, description="Also write each camera's annotated stream to this folder as <camera>.mp4; null disables."
+    )
+
+    _v = field_validator("bind")(classmethod(lambda cls, v: _check_host_port(v)))
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> "PreviewConfig":
+        if self.bind and not _is_loopback(self.bind.rsplit(":", 1)[0]) and not self.token:
+            raise ValueError("preview.token is required when preview.bind is not a loopback address")
+        return self
+
+
+class RuntimeConfig(_Section):
+    """Process-wide settings: model cache, inference providers, logging."""
+
+    models_dir: Path = Field(DEFAULT_MODELS_DIR, description="Where `agecam models fetch` puts the default models.")
+    providers: list[Literal["CUDAExecutionProvider", "CPUExecutionProvider", "TensorrtExecutionProvider"]] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"],
+        description="onnxruntime execution providers in order of preference.",
+    )
+    intra_op_threads: int = Field(0, ge=0, description="Threads per inference call; 0 lets onnxruntime choose (all cores).")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log verbosity.")
+    log_format: Literal["text", "json"] = Field("text", description="text suits journald; json writes one object per line.")
+    heartbeat_timeout_s: float = Field(
+        10.0, gt=0, description="A pipeline that has not completed a loop for this long stops the systemd watchdog pings."
+    )
+
+
+class Config(BaseModel):
+    """The whole daemon configuration."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cameras: list[CameraConfig] = Field(min_length=1, description="Frame sources; at least one.")
+    detector: DetectorConfig = Field(default_factory=DetectorConfig)
+    tracker: TrackerConfig = Field(default_factory=TrackerConfig)
+    age: AgeConfig = Field(default_factory=AgeConfig)
+    events: EventsConfig = Field(default_factory=EventsConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    preview: PreviewConfig = Field(default_factory=PreviewConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        seen: set[str] = set()
+        for cam in self.cameras:
+            if cam.name in seen:
+                raise ValueError(f"duplicate camera name {cam.name!r}; names must be unique")
+            seen.add(cam.name)
+        if self.detector.kind == "scrfd" and self.detector.model is None:
+            raise ValueError("detector.model is required when detector.kind is 'scrfd' (bring an insightface SCRFD ONNX)")
+        if self.tracker.low_score > self.tracker.high_score:
+            raise ValueError("tracker.low_score must not exceed tracker.high_score")
+        return self
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; `errors` lists one 'path: message' per problem."""
+
+    def __init__(self, source: str, errors: list[str]):
+        self.source = source
+        self.errors = errors
+        super().__init__(f"{source}: " + "; ".join(errors))
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _loc_to_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("int", "str") or "[" in str(part) or str(part).startswith("function-"):
+            continue  # union branch names pydantic adds; not part of the user's path
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _format_error(err: dict) -> str:
+    path = _loc_to_path(tuple(err["loc"]))
+    if err["type"] == "extra_forbidden":
+        return f"{path}: unknown field"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if err["type"] in ("literal_error", "enum"):
+        msg = msg.replace("Input should be", "must be one of")
+    if "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], (dict, list)):
+        msg += f" (got {err['input']!r})"
+    return f"{path}: {msg}"
+
+
+def parse(data: object, source: str = "<config>") -> Config:
+    """Validate a parsed YAML document; raises ConfigError listing every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(source, [f"(top level): expected a mapping of sections, got {type(data).__name__}"])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        errors = []
+        for err in exc.errors():
+            line = _format_error(err)
+            if line not in errors:
+                errors.append(line)
+        raise ConfigError(source, errors) from None
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a YAML config file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read file: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(str(path), [f"YAML syntax error at {where}{problem}"]) from None
+    return parse(data, str(path))
+
+
+def secret_free(url: str | int) -> str:
+    """A source as it may appear in logs, metrics and events: any password or token removed."""
+    s = str(url)
+    s = re.sub(r"(?<=://)([^/@\s]*)@", lambda m: ("***@" if m.group(1) else "@"), s)
+    s = re.sub(r"(?i)([?&](?:token|password|passwd|pwd|key|secret|auth)[^=]*=)[^&]*", r"\1***", s)
+    return s

@@ -1,0 +1,1 @@
+"""Everything the service runs. Never imports torch."""

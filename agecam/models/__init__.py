@@ -1,0 +1,1 @@
+"""Model contract and the offline default models."""

@@ -1,0 +1,1 @@
+"""UTKFace data work, ResNet50 training and evaluation (torch lives here)."""
