@@ -1,0 +1,261 @@
+"""ByteTrack-style multi-object tracker: Kalman boxes on real time steps, two-stage IoU association."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from agecam.config import TrackerConfig
+from agecam.daemon.types import Detections
+
+TrackState = Literal["tentative", "confirmed", "lost", "ended"]
+
+# Kalman noise, relative to the box height (so it holds for small and large faces alike).
+# Process noise is a random walk per second of real time; measurement noise is per detection.
+_POS_STD_PER_SQRT_S = 0.10  # drift of centre/size per sqrt(second), in box heights
+_VEL_STD_PER_SQRT_S = 0.60  # drift of velocity per sqrt(second), in box heights per second
+_MEAS_STD = 0.05  # detector jitter on centre/size, in box heights
+_INIT_VEL_STD = 1.0  # velocity uncertainty of a new track, in box heights per second
+_MIN_SIDE_PX = 1.0
+
+
+@dataclass(frozen=True)
+class Track:
+    """A snapshot of one track after an update.
+
+    state: 'tentative' (not yet announced), 'confirmed' (matched now or recently), 'lost' (kept for
+    re-identification), 'ended' (removed; only in pop_ended()/end_all(), and only tracks once confirmed). det_index indexes the Detections of
+    this update when matched now, else None. box_xyxy is the matched detection's box, else the prediction.
+    """
+
+    track_id: int
+    state: TrackState
+    box_xyxy: tuple[float, float, float, float]
+    det_score: float
+    det_index: int | None
+    first_seen_ts: float
+    last_seen_ts: float
+    hits: int
+
+    @property
+    def is_confirmed(self) -> bool:
+        """True once the track has been confirmed (announced): also while lost, and when ended."""
+        return self.state != "tentative"
+
+
+def _xyxy_to_z(box: np.ndarray) -> np.ndarray:
+    w = max(float(box[2] - box[0]), _MIN_SIDE_PX)
+    h = max(float(box[3] - box[1]), _MIN_SIDE_PX)
+    return np.array([box[0] + w / 2, box[1] + h / 2, w, h], np.float64)
+
+
+def _z_to_xyxy(z: np.ndarray) -> np.ndarray:
+    w, h = max(z[2], _MIN_SIDE_PX), max(z[3], _MIN_SIDE_PX)
+    return np.array([z[0] - w / 2, z[1] - h / 2, z[0] + w / 2, z[1] + h / 2], np.float64)
+
+
+_H = np.hstack([np.eye(4), np.zeros((4, 4))])  # we observe centre and size, not velocity
+
+
+class _KalmanBox:
+    """Constant-velocity Kalman filter on (cx, cy, w, h) with time in seconds."""
+
+    def __init__(self, z: np.ndarray):
+        self.x = np.concatenate([z, np.zeros(4)])
+        s = z[3]
+        self.P = np.diag(np.r_[np.full(4, (2 * _MEAS_STD * s) ** 2), np.full(4, (_INIT_VEL_STD * s) ** 2)])
+
+    def predicted(self, dt_s: float) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and covariance dt_s seconds ahead, without changing the filter."""
+        if dt_s <= 0:
+            return self.x.copy(), self.P.copy()
+        F = np.eye(8)
+        F[0:4, 4:8] = np.eye(4) * dt_s
+        s = max(self.x[3], _MIN_SIDE_PX)
+        q = np.r_[np.full(4, (_POS_STD_PER_SQRT_S * s) ** 2), np.full(4, (_VEL_STD_PER_SQRT_S * s) ** 2)] * dt_s
+        return F @ self.x, F @ self.P @ F.T + np.diag(q)
+
+    def predict(self, dt_s: float) -> None:
+        self.x, self.P = self.predicted(dt_s)
+        self.x[2:4] = np.maximum(self.x[2:4], _MIN_SIDE_PX)
+
+    def correct(self, z: np.ndarray) -> None:
+        r = np.full(4, (_MEAS_STD * max(self.x[3], _MIN_SIDE_PX)) ** 2)
+        S = _H @ self.P @ _H.T + np.diag(r)
+        K = np.linalg.solve(S, _H @ self.P).T  # P H^T S^-1 (S and P symmetric)
+        self.x = self.x + K @ (z - _H @ self.x)
+        self.P = (np.eye(8) - K @ _H) @ self.P
+
+
+class _LiveTrack:
+    """Mutable tracker-internal state of one track."""
+
+    __slots__ = ("track_id", "state", "kf", "box", "det_score", "det_index", "first_seen_ts", "last_seen_ts",
+                 "hits", "ts")
+
+    def __init__(self, track_id: int, box: np.ndarray, score: float, det_index: int, ts_s: float):
+        self.track_id = track_id
+        self.state: TrackState = "tentative"
+        self.kf = _KalmanBox(_xyxy_to_z(box))
+        self.box = box.astype(np.float64)
+        self.det_score = score
+        self.det_index: int | None = det_index
+        self.first_seen_ts = ts_s
+        self.last_seen_ts = ts_s
+        self.hits = 1
+        self.ts = ts_s  # time the filter state refers to
+
+    def predict_to(self, ts_s: float) -> None:
+        self.kf.predict(ts_s - self.ts)
+        self.ts = max(self.ts, ts_s)
+        self.box = _z_to_xyxy(self.kf.x[:4])
+        self.det_index = None
+
+    def match(self, box: np.ndarray, score: float, det_index: int, ts_s: float) -> None:
+        self.kf.correct(_xyxy_to_z(box))
+        self.box = box.astype(np.float64)
+        self.det_score = score
+        self.det_index = det_index
+        self.last_seen_ts = ts_s
+        self.hits += 1
+
+    def snapshot(self, state: TrackState | None = None) -> Track:
+        return Track(self.track_id, state or self.state, tuple(float(v) for v in self.box), float(self.det_score),
+                     self.det_index, self.first_seen_ts, self.last_seen_ts, self.hits)
+
+
+def iou_matrix(a_xyxy: np.ndarray, b_xyxy: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of two box sets, shape (len(a), len(b))."""
+    a = np.asarray(a_xyxy, np.float64).reshape(-1, 4)
+    b = np.asarray(b_xyxy, np.float64).reshape(-1, 4)
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)))
+    ix0 = np.maximum(a[:, None, 0], b[None, :, 0])
+    iy0 = np.maximum(a[:, None, 1], b[None, :, 1])
+    ix1 = np.minimum(a[:, None, 2], b[None, :, 2])
+    iy1 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(ix1 - ix0, 0, None) * np.clip(iy1 - iy0, 0, None)
+    area_a = (a[:, 2] - a[:, 0]).clip(0) * (a[:, 3] - a[:, 1]).clip(0)
+    area_b = (b[:, 2] - b[:, 0]).clip(0) * (b[:, 3] - b[:, 1]).clip(0)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def _assign(tracks: list[_LiveTrack], boxes: np.ndarray, min_iou: float) -> tuple[list[tuple[int, int]], list[int], list[int]]:
+    """Optimal IoU matching: (matched (track_pos, box_pos) pairs, unmatched track positions, unmatched box positions)."""
+    if not tracks or len(boxes) == 0:
+        return [], list(range(len(tracks))), list(range(len(boxes)))
+    iou = iou_matrix(np.stack([t.box for t in tracks]), boxes)
+    rows, cols = linear_sum_assignment(-iou)
+    pairs = [(r, c) for r, c in zip(rows, cols) if iou[r, c] >= min_iou]
+    matched_t = {r for r, _ in pairs}
+    matched_b = {c for _, c in pairs}
+    return (pairs, [i for i in range(len(tracks)) if i not in matched_t],
+            [j for j in range(len(boxes)) if j not in matched_b])
+
+
+class Tracker:
+    """Tracks faces of one camera. Pure logic: call update() once per processed frame with its capture time."""
+
+    def __init__(self, cfg: TrackerConfig):
+        self.cfg = cfg
+        self._next_id = 1
+        self._tracks: list[_LiveTrack] = []
+        self._confirmed_ids: set[int] = set()
+        self._ended: list[Track] = []
+        self._last_ts: float | None = None
+
+    def update(self, dets: Detections, ts_s: float) -> list[Track]:
+        """Advance to ts_s, associate dets, and return every live track (tentative, confirmed, lost) by id."""
+        cfg = self.cfg
+        # Tracks unseen for longer than the buffer end before association, so they cannot be revived.
+        alive = []
+        for t in self._tracks:
+            if ts_s - t.last_seen_ts > cfg.lost_track_buffer_s:
+                if t.state != "tentative":
+                    self._ended.append(t.snapshot("ended"))
+            else:
+                t.predict_to(ts_s)
+                alive.append(t)
+        self._tracks = alive
+        self._last_ts = ts_s if self._last_ts is None else max(self._last_ts, ts_s)
+
+        boxes = np.asarray(dets.boxes_xyxy, np.float64).reshape(-1, 4)
+        scores = np.asarray(dets.scores, np.float64).reshape(-1)
+        high_idx = np.flatnonzero(scores >= cfg.high_score)
+        low_idx = np.flatnonzero((scores >= cfg.low_score) & (scores < cfg.high_score))
+
+        active = [t for t in self._tracks if t.state == "confirmed"]
+        lost = [t for t in self._tracks if t.state == "lost"]
+        tentative = [t for t in self._tracks if t.state == "tentative"]
+
+        # Stage 1: high-score detections against confirmed and lost tracks.
+        pool = active + lost
+        pairs, rest_t, rest_h = _assign(pool, boxes[high_idx], cfg.match_iou)
+        for ti, bi in pairs:
+            d = int(high_idx[bi])
+            pool[ti].match(boxes[d], scores[d], d, ts_s)
+            pool[ti].state = "confirmed"
+        # Stage 2: low-score detections keep confirmed tracks alive (they never revive lost ones).
+        rest_active = [pool[i] for i in rest_t if pool[i].state == "confirmed"]
+        pairs2, _, _ = _assign(rest_active, boxes[low_idx], cfg.match_iou)
+        for ti, bi in pairs2:
+            d = int(low_idx[bi])
+            rest_active[ti].match(boxes[d], scores[d], d, ts_s)
+        # Stage 3: tentative tracks take the remaining high-score detections.
+        left_high = high_idx[rest_h]
+        pairs3, _, rest_h3 = _assign(tentative, boxes[left_high], cfg.match_iou)
+        for ti, bi in pairs3:
+            d = int(left_high[bi])
+            tentative[ti].match(boxes[d], scores[d], d, ts_s)
+
+        # Lifecycle.
+        keep: list[_LiveTrack] = []
+        for t in self._tracks:
+            matched_now = t.det_index is not None
+            if t.state == "tentative":
+                if not matched_now:
+                    continue  # a tentative track that misses is dropped silently (never announced)
+                if t.hits >= cfg.confirm_hits:
+                    t.state = "confirmed"
+            elif not matched_now:
+                t.state = "lost"
+                t.kf.x[6:8] = 0.0  # a lost box keeps its size; only its centre drifts on
+            keep.append(t)
+        # New tentative tracks from unmatched high-score detections.
+        for bi in rest_h3:
+            d = int(left_high[bi])
+            t = _LiveTrack(self._next_id, boxes[d], scores[d], d, ts_s)
+            self._next_id += 1
+            if cfg.confirm_hits <= 1:
+                t.state = "confirmed"
+            keep.append(t)
+        self._tracks = keep
+        return self.tracks
+
+    @property
+    def tracks(self) -> list[Track]:
+        """Snapshots of the live tracks, by id."""
+        return [t.snapshot() for t in sorted(self._tracks, key=lambda t: t.track_id)]
+
+    def predict_boxes(self, ts_s: float) -> dict[int, tuple[float, float, float, float]]:
+        """Where each live track is expected at ts_s (does not change the tracker)."""
+        out = {}
+        for t in self._tracks:
+            x, _ = t.kf.predicted(ts_s - t.ts)
+            out[t.track_id] = tuple(float(v) for v in _z_to_xyxy(x[:4]))
+        return out
+
+    def pop_ended(self) -> list[Track]:
+        """Confirmed tracks removed since the last call (each reported once), state 'ended'."""
+        ended, self._ended = self._ended, []
+        return ended
+
+    def end_all(self) -> list[Track]:
+        """End every track now (camera end, shutdown); returns the confirmed ones not yet reported, each once."""
+        ended = self.pop_ended()
+        ended += [t.snapshot("ended") for t in self._tracks if t.state != "tentative"]
+        self._tracks = []
+        return ended
