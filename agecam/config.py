@@ -169,7 +169,7 @@ class PreviewConfig(_Section):
     @model_validator(mode="after")
     def _token_off_loopback(self) -> "PreviewConfig":
         if self.bind and not _is_loopback(self.bind.rsplit(":", 1)[0]) and not self.token:
-            raise ValueError("preview.token is required when preview.bind is not a loopback address")
+            raise ValueError("token: required when bind is not a loopback address (anyone on the network could watch)")
         return self
 
 
@@ -205,15 +205,15 @@ class Config(BaseModel):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
-        seen: set[str] = set()
-        for cam in self.cameras:
+        seen: dict[str, int] = {}
+        for i, cam in enumerate(self.cameras):
             if cam.name in seen:
-                raise ValueError(f"duplicate camera name {cam.name!r}; names must be unique")
-            seen.add(cam.name)
+                raise ValueError(f"cameras[{i}].name: duplicate camera name {cam.name!r} (also cameras[{seen[cam.name]}]); names must be unique")
+            seen[cam.name] = i
         if self.detector.kind == "scrfd" and self.detector.model is None:
-            raise ValueError("detector.model is required when detector.kind is 'scrfd' (bring an insightface SCRFD ONNX)")
+            raise ValueError("detector.model: required when detector.kind is 'scrfd' (bring an insightface SCRFD ONNX)")
         if self.tracker.low_score > self.tracker.high_score:
-            raise ValueError("tracker.low_score must not exceed tracker.high_score")
+            raise ValueError("tracker.low_score: must not exceed tracker.high_score")
         return self
 
 
@@ -250,6 +250,8 @@ def _format_error(err: dict) -> str:
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
+        if re.match(r"^[\w.\[\]]+: ", msg):  # a cross-field check that names its own path
+            return f"{path}.{msg}" if err["loc"] else msg
     if err["type"] in ("literal_error", "enum"):
         msg = msg.replace("Input should be", "must be one of")
     if "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], (dict, list)):

@@ -1,0 +1,29 @@
+"""`agecam config check`: validate a config file and list every problem with its path."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("config", help="configuration tools")
+    csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    c = csub.add_parser("check", help="validate a YAML config; exit 0 when OK, 2 with the list of errors")
+    c.add_argument("file", type=Path)
+    c.set_defaults(func=check_command)
+
+
+def check_command(args) -> int:
+    from agecam.config import ConfigError, load
+
+    try:
+        cfg = load(args.file)
+    except ConfigError as exc:
+        print(f"{exc.source}: {len(exc.errors)} error(s)", file=sys.stderr)
+        for err in exc.errors:
+            print(f"  {err}", file=sys.stderr)
+        return 2
+    names = ", ".join(c.name for c in cfg.cameras)
+    print(f"{args.file}: OK ({len(cfg.cameras)} camera(s): {names})")
+    return 0

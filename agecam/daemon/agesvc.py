@@ -1,0 +1,100 @@
+"""The age service thread: one batched age inference shared by every camera's pipeline."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AgeRequest:
+    """One face chip to age, and where its answer goes."""
+
+    camera: str
+    track_id: int
+    chip: np.ndarray
+    weight: float
+    ts: float
+    reply: "queue.Queue[AgeResult]"
+
+
+@dataclass(frozen=True)
+class AgeResult:
+    """The model's age distribution for one request."""
+
+    track_id: int
+    probs: np.ndarray
+    weight: float
+    ts: float
+
+
+class AgeService:
+    """Collects requests from all pipelines and runs them in batches of up to max_batch."""
+
+    def __init__(self, model, max_batch: int, stop: threading.Event, metrics=None, queue_size: int = 256):
+        self.model = model
+        self.max_batch = max_batch
+        self._stop = stop
+        self._metrics = metrics
+        self._queue: queue.Queue[AgeRequest] = queue.Queue(maxsize=queue_size)
+        self.dropped = 0
+        self.batches = 0
+        self.faces = 0
+        self._thread = threading.Thread(target=self._run, name="age", daemon=True)
+        self.heartbeat_s = time.monotonic()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, req: AgeRequest) -> bool:
+        """Queue a chip without blocking; False (and counted) when the service is saturated."""
+        try:
+            self._queue.put_nowait(req)
+            return True
+        except queue.Full:
+            self.dropped += 1
+            if self._metrics:
+                self._metrics.frames_dropped.labels(camera=req.camera, stage="age").inc()
+            return False
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.heartbeat_s = time.monotonic()
+            try:
+                batch = [self._queue.get(timeout=0.2)]
+            except queue.Empty:
+                continue
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                t0 = time.perf_counter()
+                probs = self.model.predict(np.stack([r.chip for r in batch]))
+                if self._metrics:
+                    self._metrics.stage_duration.labels(stage="age").observe(time.perf_counter() - t0)
+                    self._metrics.age_batch_size.observe(len(batch))
+            except Exception:  # a bad batch must not kill the service
+                log.exception("age inference failed for a batch of %d; skipping it", len(batch))
+                continue
+            self.batches += 1
+            self.faces += len(batch)
+            for req, p in zip(batch, probs):
+                if self._metrics:
+                    self._metrics.age_samples.labels(camera=req.camera).inc()
+                try:
+                    req.reply.put_nowait(AgeResult(req.track_id, p, req.weight, req.ts))
+                except queue.Full:
+                    pass  # the pipeline is gone or far behind; the sample is simply lost
+
+    def join(self, timeout_s: float) -> bool:
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+        return not self._thread.is_alive()

@@ -1,0 +1,43 @@
+"""`agecam events`: subscribe to a daemon and print one JSON event per line."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("events", help="print events from a running daemon, one JSON object per line")
+    p.add_argument("--connect", default="tcp://127.0.0.1:5556", help="the daemon's events.bind address")
+    p.add_argument("--type", dest="prefixes", action="append", default=[],
+                   help="topic prefix to keep, e.g. 'track.' or 'track.end/lobby' (repeatable; default: all)")
+    p.add_argument("--count", type=int, default=0, help="exit after this many events (0: run until interrupted)")
+    p.add_argument("--timeout", type=float, default=0.0, help="exit after this many seconds without an event (0: never)")
+    p.set_defaults(func=events_command)
+
+
+def events_command(args) -> int:
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.SUB)
+    sock.connect(args.connect)
+    for prefix in args.prefixes or [""]:
+        sock.setsockopt_string(zmq.SUBSCRIBE, prefix)
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    seen = 0
+    try:
+        while not args.count or seen < args.count:
+            if not poller.poll(int(args.timeout * 1000) if args.timeout else None):
+                print(f"no event for {args.timeout:g} s from {args.connect}", file=sys.stderr)
+                return 3
+            _topic, payload = sock.recv_multipart()
+            sys.stdout.write(payload.decode() + "\n")
+            sys.stdout.flush()
+            seen += 1
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:
+        pass
+    finally:
+        sock.close(0)
+    return 0
