@@ -60,7 +60,7 @@ class AgeService:
         except queue.Full:
             self.dropped += 1
             if self._metrics:
-                self._metrics.frames_dropped.labels(camera=req.camera, stage="age").inc()
+                self._metrics.frames_dropped_total.labels(camera=req.camera, stage="age").inc()
             return False
 
     def _run(self) -> None:
@@ -79,7 +79,7 @@ class AgeService:
                 t0 = time.perf_counter()
                 probs = self.model.predict(np.stack([r.chip for r in batch]))
                 if self._metrics:
-                    self._metrics.stage_duration.labels(stage="age").observe(time.perf_counter() - t0)
+                    self._metrics.stage_duration_seconds.labels(stage="age").observe(time.perf_counter() - t0)
                     self._metrics.age_batch_size.observe(len(batch))
             except Exception:  # a bad batch must not kill the service
                 log.exception("age inference failed for a batch of %d; skipping it", len(batch))
@@ -88,7 +88,7 @@ class AgeService:
             self.faces += len(batch)
             for req, p in zip(batch, probs):
                 if self._metrics:
-                    self._metrics.age_samples.labels(camera=req.camera).inc()
+                    self._metrics.age_samples_total.labels(camera=req.camera).inc()
                 try:
                     req.reply.put_nowait(AgeResult(req.track_id, p, req.weight, req.ts))
                 except queue.Full:

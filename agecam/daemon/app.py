@@ -66,7 +66,7 @@ class App:
         if self._detector is None:
             self._detector = build_detector(cfg.detector, cfg.runtime, models)
         if self._age_model is None:
-            self._age_model = AgeModel(cfg.age.model or models.age, cfg.runtime, age_cfg=cfg.age, models=models)
+            self._age_model = AgeModel.from_config(cfg.age, cfg.runtime)
 
     def start(self) -> None:
         from agecam.daemon.agesvc import AgeService
@@ -79,15 +79,18 @@ class App:
         cfg = self.cfg
         self.load_models()
         if self.metrics is None:
-            self.metrics = Metrics()
+            self.metrics = Metrics(cameras=list(self.cameras))
         m = self.metrics
-        m.set_info(self._info())
+        self._set_info(m)
         if cfg.metrics.bind:
             self._servers.append(m.serve(cfg.metrics.bind))
-        self.publisher = Publisher(
-            cfg.events, self.stop_event,
-            on_sent=lambda ev: m.events_published.labels(type=ev["type"]).inc(),
-            on_drop=lambda reason: m.events_dropped.labels(reason=reason).inc())
+        def on_sent(ev: dict) -> None:
+            m.events_published_total.labels(type=ev["type"]).inc()
+            if ev["type"] != "camera.status":
+                m.frame_to_event_seconds.observe(max(0.0, time.time() - ev["ts"]))
+
+        self.publisher = Publisher(cfg.events, self.stop_event, on_sent=on_sent,
+                                   on_drop=lambda reason: m.events_dropped_total.labels(reason=reason).inc())
         self.age_service = AgeService(self._age_model, cfg.age.max_batch, self.stop_event, m)
         self.hub = None
         if cfg.preview.bind or cfg.preview.record_path:
@@ -102,7 +105,7 @@ class App:
         for cam in cfg.cameras:
             if not cam.enabled:
                 continue
-            slot = LatestSlot(on_drop=lambda c=cam.name: m.frames_dropped.labels(camera=c, stage="capture").inc())
+            slot = LatestSlot(on_drop=lambda c=cam.name: m.frames_dropped_total.labels(camera=c, stage="capture").inc())
             self.ended[cam.name] = threading.Event()
             self.pipelines[cam.name] = CameraPipeline(
                 cam, cfg, slot=slot, detector=self._detector, age_model=self._age_model,
@@ -111,7 +114,7 @@ class App:
                 frame_tap=self._frame_tap)
             self.captures[cam.name] = CaptureThread(
                 cam, slot, self.stop_event, on_status=self._on_status,
-                on_frame=lambda c=cam.name: m.frames_captured.labels(camera=c).inc(),
+                on_frame=lambda c=cam.name: m.frames_captured_total.labels(camera=c).inc(),
                 open_fn=self._open_fn)
         # start in dependency order; stop() joins in reverse
         self.publisher.start()
@@ -126,20 +129,13 @@ class App:
                  f"; metrics on http://{cfg.metrics.bind}/metrics" if cfg.metrics.bind else "",
                  f"; preview on http://{cfg.preview.bind}/" if cfg.preview.bind else "")
 
-    def _info(self) -> dict:
-        import onnxruntime
-
-        from agecam import __version__
-
+    def _set_info(self, m) -> None:
         spec = getattr(self._age_model, "spec", None)
-        return {
-            "version": __version__,
-            "onnxruntime": onnxruntime.__version__,
-            "providers": ",".join(self.cfg.runtime.providers),
-            "detector": self.cfg.detector.kind,
-            "age_model": getattr(spec, "name", "unknown"),
-            "age_model_version": getattr(spec, "version", "unknown"),
-        }
+        det_model = str(self.cfg.detector.model) if self.cfg.detector.model else "default"
+        m.set_model_info(detector_kind=self.cfg.detector.kind, detector_model=Path(det_model).name,
+                         age_model=getattr(spec, "name", "unknown"), age_version=getattr(spec, "version", "unknown"),
+                         age_sha256=getattr(self._age_model, "sha256", "") or "")
+        m.set_build_info(providers=self.cfg.runtime.providers)
 
     # -- status ----------------------------------------------------------------------------------------------------
     def _on_status(self, camera: str, status: str, reason: str) -> None:
@@ -148,7 +144,7 @@ class App:
             st = self.cameras[camera]
             if status == "online" and st.was_online:
                 st.reconnects += 1
-                self.metrics.reconnects.labels(camera=camera).inc()
+                self.metrics.reconnects_total.labels(camera=camera).inc()
             st.was_online = st.was_online or status == "online"
             st.status, st.reason, st.since_s = status, secret_free(reason), time.time()
         self.metrics.camera_up.labels(camera=camera).set(1 if status == "online" else 0)

@@ -193,10 +193,10 @@ class CameraPipeline:
         self._fps_window = [t for t in self._fps_window if now - t < 2.0] + [now]
         self.stats.fps = (len(self._fps_window) - 1) / max(1e-6, self._fps_window[-1] - self._fps_window[0])
         if m:
-            m.frames_processed.labels(camera=self.cam.name).inc()
-            m.faces_detected.labels(camera=self.cam.name).inc(len(dets))
-            m.stage_duration.labels(stage="detect").observe(t1 - t0)
-            m.stage_duration.labels(stage="track").observe(t2 - t1)
+            m.frames_processed_total.labels(camera=self.cam.name).inc()
+            m.faces_detected_total.labels(camera=self.cam.name).inc(len(dets))
+            m.stage_duration_seconds.labels(stage="detect").observe(t1 - t0)
+            m.stage_duration_seconds.labels(stage="track").observe(t2 - t1)
             m.active_tracks.labels(camera=self.cam.name).set(len(self.states))
         if self.frame_tap:
             self.frame_tap(frame, dets)
@@ -232,7 +232,7 @@ class CameraPipeline:
             self._finish(t, ts)
         for t in tracks:
             if t.is_confirmed and t.track_id not in self.states:
-                st = TrackState(t, AgeSmoother(self.cfg.age))
+                st = TrackState(t, AgeSmoother(self.cfg.age, self.age_model.bins_years))
                 self.states[t.track_id] = st
                 self._confirmed_at[t.track_id] = ts
                 self._emit("track.start", t, None, ts)
@@ -266,9 +266,9 @@ class CameraPipeline:
             if q < acfg.min_quality:
                 continue
             t0 = time.perf_counter()
-            chip = self.age_model.make_chip(frame.image, lm)
+            chip = self.age_model.make_chip(frame.image, lm, box)
             if self.metrics:
-                self.metrics.stage_duration.labels(stage="chip").observe(time.perf_counter() - t0)
+                self.metrics.stage_duration_seconds.labels(stage="chip").observe(time.perf_counter() - t0)
             self.age_service.submit(AgeRequest(self.cam.name, tid, chip, q, ts, self.replies))
 
     def _drain_replies(self) -> None:
@@ -323,4 +323,4 @@ class CameraPipeline:
         t0 = time.perf_counter()
         self.hub.publish(self.cam.name, annotate(frame.image, views, status))
         if self.metrics:
-            self.metrics.stage_duration.labels(stage="annotate").observe(time.perf_counter() - t0)
+            self.metrics.stage_duration_seconds.labels(stage="annotate").observe(time.perf_counter() - t0)

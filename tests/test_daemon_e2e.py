@@ -1,0 +1,256 @@
+"""The whole daemon on real models and real sockets: demo scene in, schema-valid ZeroMQ events out."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+import zmq
+
+from agecam.config import parse
+from agecam.daemon.app import App
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = json.loads((ROOT / "schemas" / "event.v1.json").read_text())
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Subscriber:
+    """A real ZeroMQ SUB socket collecting every event in a background thread."""
+
+    def __init__(self, endpoint: str):
+        self.sock = zmq.Context.instance().socket(zmq.SUB)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 20)
+        self.sock.setsockopt_string(zmq.SUBSCRIBE, "")
+        self.sock.connect(endpoint)
+        self.events: list[dict] = []
+        self.topics: list[str] = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            if poller.poll(100):
+                topic, payload = self.sock.recv_multipart()
+                self.topics.append(topic.decode())
+                self.events.append(json.loads(payload))
+
+    def wait_for(self, pred, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if any(pred(e) for e in list(self.events)):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def close(self):
+        time.sleep(0.3)  # let the last messages arrive
+        self._stop.set()
+        self._t.join(2)
+        self.sock.close(0)
+
+
+def _iou(a, b) -> float:
+    x1, y1, x2, y2 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter + 1e-9)
+
+
+@pytest.fixture(scope="module")
+def demo_run(models_dir):
+    """One 12 s demo scene (one full script cycle) through the in-process daemon, with a real subscriber."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    cfg = parse({
+        "cameras": [{"name": "demo", "source": "demo", "demo_duration_s": 12.0, "demo_seed": 0}],
+        "events": {"bind": endpoint, "update_max_interval_s": 2.0},
+        "metrics": {"bind": None}, "preview": {"bind": None},
+        "runtime": {"models_dir": str(models_dir)},
+    })
+    truth: dict[float, tuple] = {}
+    sub = Subscriber(endpoint)
+    app = App(cfg, frame_tap=lambda frame, dets: truth.__setitem__(round(frame.ts, 3), frame.truth))
+    app.start()
+    deadline = time.monotonic() + 90
+    while not app.all_ended() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    ended_in_time = app.all_ended()
+    stats = app.pipelines["demo"].stats
+    stuck = app.stop()
+    sub.close()
+    return {"events": sub.events, "topics": sub.topics, "truth": truth, "stuck": stuck,
+            "ended_in_time": ended_in_time, "stats": stats, "run_id": app.events.run_id}
+
+
+def test_events_validate_and_are_sequenced(demo_run):
+    # given a finished demo run, then every event matches the v1 schema, topics are <type>/<camera>, seq has no gaps
+    events = demo_run["events"]
+    assert demo_run["ended_in_time"], "the 12 s demo camera did not end within 90 s"
+    assert not demo_run["stuck"], f"threads did not stop: {demo_run['stuck']}"
+    assert len(events) > 10, f"only {len(events)} events arrived"
+    for ev, topic in zip(events, demo_run["topics"]):
+        jsonschema.validate(ev, SCHEMA)
+        assert topic == f"{ev['type']}/{ev['camera']}"
+        assert ev["run_id"] == demo_run["run_id"]
+    seqs = [e["seq"] for e in events]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "seq must rise by one per message (gaps = lost events)"
+    statuses = [e["status"] for e in events if e["type"] == "camera.status"]
+    assert statuses[-1] == "ended" and "online" in statuses, statuses
+
+
+def test_every_track_starts_ends_once_and_carries_ages(demo_run):
+    events = [e for e in demo_run["events"] if e["type"].startswith("track.")]
+    by_track = defaultdict(list)
+    for e in events:
+        by_track[e["track_id"]].append(e)
+    assert len(by_track) >= 3, f"expected several tracks on the demo scene, got {len(by_track)}"
+    aged = 0
+    for tid, evs in by_track.items():
+        types = [e["type"] for e in evs]
+        assert types[0] == "track.start" and types[-1] == "track.end" and types.count("track.end") == 1, \
+            f"track {tid} lifecycle: {types}"
+        assert evs[0]["age"] is None, "age is null until the first sample"
+        for e in evs:
+            if e["age"] is not None:
+                a = e["age"]
+                assert 0.25 <= a["years"] <= 80 and a["std"] > 0 and a["low"] <= a["years"] <= a["high"], a
+        final = evs[-1]["age"]
+        if final is not None and final["samples"] >= 3:
+            aged += 1
+    assert aged >= 3, f"only {aged} tracks ended with an age from 3+ samples"
+
+
+def test_track_ids_follow_ground_truth_identities(demo_run):
+    # given the scene's truth per processed frame, map each event box to the identity it overlaps
+    truth = demo_run["truth"]
+    labels = defaultdict(list)
+    for e in demo_run["events"]:
+        if e["type"] not in ("track.start", "track.update"):
+            continue
+        faces = truth.get(round(e["ts"], 3))
+        if not faces:
+            continue
+        best = max(faces, key=lambda f: _iou(e["box_xyxy"], f[1]))
+        if _iou(e["box_xyxy"], best[1]) > 0.3:
+            labels[e["track_id"]].append(best[0])
+    assert labels, "no event box overlapped a ground-truth face"
+    impure = {tid: Counter(ls) for tid, ls in labels.items() if Counter(ls).most_common(1)[0][1] < 0.9 * len(ls)}
+    assert not impure, f"tracks that switched identity: {impure}"
+    tracks_per_identity = Counter(Counter(ls).most_common(1)[0][0] for ls in labels.values())
+    # each identity appears at most twice per cycle in the script: more tracks than 3 means fragmentation
+    assert max(tracks_per_identity.values()) <= 3, f"fragmented identities: {tracks_per_identity}"
+    assert len(tracks_per_identity) >= 3, f"only {len(tracks_per_identity)} identities were tracked"
+
+
+def _write_config(tmp_path, models_dir, cameras, **extra) -> tuple[Path, str]:
+    import yaml
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    doc = {"cameras": cameras, "events": {"bind": endpoint}, "metrics": {"bind": None}, "preview": {"bind": None},
+           "runtime": {"models_dir": str(models_dir)}}
+    doc.update(extra)
+    path = tmp_path / "agecam.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path, endpoint
+
+
+def _agecam(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "agecam.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_sigterm_stops_within_seconds_and_ends_tracks(tmp_path, models_dir):
+    # given the daemon running as a process on an endless demo scene with a subscriber
+    path, endpoint = _write_config(tmp_path, models_dir, [{"name": "demo", "source": "demo"}])
+    sub = Subscriber(endpoint)
+    proc = _agecam("run", "--config", str(path))
+    try:
+        assert sub.wait_for(lambda e: e["type"] == "track.start", 60), "no track.start within 60 s"
+        # when it gets SIGTERM
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=15)
+        took_s = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sub.close()
+    # then it exits cleanly within a few seconds and every started track got its track.end
+    assert proc.returncode == 0, f"exit {proc.returncode}: {err[-2000:]}"
+    assert took_s < 8, f"took {took_s:.1f} s to stop"
+    started = {e["track_id"] for e in sub.events if e["type"] == "track.start"}
+    ended = {e["track_id"] for e in sub.events if e["type"] == "track.end"}
+    assert started <= ended, f"tracks without track.end: {started - ended}"
+    assert "events:" in out and endpoint in out, f"the daemon should print where its events are: {out!r}"
+
+
+def test_bad_cameras_are_reported_and_others_keep_running(tmp_path, models_dir):
+    # given one good camera and two bad ones: a missing file and an unreachable RTSP URL with a password
+    port = free_port()  # nothing listens there
+    path, endpoint = _write_config(tmp_path, models_dir, [
+        {"name": "good", "source": "demo"},
+        {"name": "missing", "source": str(tmp_path / "nope.mp4")},
+        {"name": "dead", "source": f"rtsp://user:s3cret@127.0.0.1:{port}/x", "open_timeout_s": 2, "reconnect_max_s": 2},
+    ])
+    sub = Subscriber(endpoint)
+    proc = _agecam("run", "--config", str(path))
+    try:
+        ok = sub.wait_for(lambda e: e["type"] == "track.start" and e["camera"] == "good", 60)
+        sub.wait_for(lambda e: e.get("camera") == "dead" and e.get("status") == "offline", 20)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sub.close()
+    assert ok, "the good camera produced no track while the others were failing"
+    offline = {e["camera"]: e["reason"] for e in sub.events if e["type"] == "camera.status" and e["status"] == "offline"}
+    assert "missing" in offline and "not found" in offline["missing"], offline
+    assert "dead" in offline, offline
+    assert "s3cret" not in json.dumps(sub.events) + out + err, "the RTSP password leaked into events or logs"
+
+
+@pytest.mark.parametrize("case", ["missing_model", "no_metadata"])
+def test_bad_age_model_is_refused_at_startup(tmp_path, models_dir, case):
+    # given an age model path that does not exist, or an ONNX without the agecam metadata
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = tmp_path / "age.onnx"
+    if case == "no_metadata":
+        g = helper.make_graph([helper.make_node("Softmax", ["images"], ["p"])], "g",
+                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 81])],
+                              [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", 81])])
+        onnx.save(helper.make_model(g), model)
+    path, _ = _write_config(tmp_path, models_dir, [{"name": "demo", "source": "demo"}], age={"model": str(model)})
+    proc = _agecam("run", "--config", str(path))
+    out, err = proc.communicate(timeout=60)
+    # then the daemon refuses to start and says what was expected
+    assert proc.returncode == 1, f"exit {proc.returncode}: {err[-1500:]}"
+    expected = "file not found" if case == "missing_model" else "agecam.contract"
+    assert expected in err and str(model) in err, err[-1500:]
+
+
+def test_config_errors_exit_2_with_paths(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("cameras:\n  - {name: a, source: demo, colour: red}\ndetector: {min_face_px: tiny}\n")
+    proc = _agecam("run", "--config", str(path))
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2, err
+    assert "cameras[0].colour: unknown field" in err and "detector.min_face_px" in err, err
