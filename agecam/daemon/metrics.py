@@ -1,0 +1,165 @@
+"""Every Prometheus metric of the daemon, defined in one place, and the /metrics HTTP endpoint."""
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import platform
+import socket
+import threading
+from collections.abc import Iterable, Sequence
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
+
+import agecam
+
+log = logging.getLogger(__name__)
+
+# Bounded label values. Cameras are bounded by the config; these are fixed here.
+STAGES = ("wait", "detect", "track", "age", "publish", "annotate", "encode")
+DROP_STAGES = ("capture", "age", "preview", "record")
+EVENT_TYPES = ("track.start", "track.update", "track.end", "camera.status")
+DROP_REASONS = ("queue_full", "send_error")
+
+_LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_EVENT_LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def _dist_version(*names: str) -> str:
+    """Installed version of the first distribution found among names, without importing it."""
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+class Metrics:
+    """The daemon's metrics on one registry; attributes are named after the metric without the `agecam_` prefix."""
+
+    def __init__(self, cameras: Sequence[str] = (), registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.frames_captured_total = Counter(
+            "agecam_frames_captured_total", "Frames read from the source.", ["camera"], registry=r)
+        self.frames_processed_total = Counter(
+            "agecam_frames_processed_total", "Frames that went through detection and tracking.", ["camera"], registry=r)
+        self.frames_dropped_total = Counter(
+            "agecam_frames_dropped_total",
+            "Frames skipped: capture = overwritten in the latest-frame slot before the pipeline took them; "
+            "age = faces not sampled because the age queue was full; preview/record = not shown or not written.",
+            ["camera", "stage"], registry=r)
+        self.stage_duration_seconds = Histogram(
+            "agecam_stage_duration_seconds",
+            "Time spent per stage: wait = capture to pipeline pickup, then detect, track, age (per batch), "
+            "publish, annotate, encode (JPEG).",
+            ["stage"], buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.faces_detected_total = Counter(
+            "agecam_faces_detected_total", "Faces returned by the detector.", ["camera"], registry=r)
+        self.age_samples_total = Counter(
+            "agecam_age_samples_total", "Face crops run through the age model.", ["camera"], registry=r)
+        self.age_batch_size = Histogram(
+            "agecam_age_batch_size", "Faces per age-model batch (across cameras).", buckets=_BATCH_BUCKETS, registry=r)
+        self.active_tracks = Gauge(
+            "agecam_active_tracks", "Confirmed tracks currently alive.", ["camera"], registry=r)
+        self.events_published_total = Counter(
+            "agecam_events_published_total", "Events handed to ZeroMQ.", ["type"], registry=r)
+        self.events_dropped_total = Counter(
+            "agecam_events_dropped_total", "Events not published.", ["reason"], registry=r)
+        self.reconnects_total = Counter(
+            "agecam_reconnects_total", "Attempts to reopen a source after it failed or went silent.", ["camera"], registry=r)
+        self.camera_up = Gauge(
+            "agecam_camera_up", "1 while the camera delivers frames, 0 while it is offline or ended.", ["camera"], registry=r)
+        self.frame_to_event_seconds = Histogram(
+            "agecam_frame_to_event_seconds", "Capture time of a frame to the publication of the event it caused.",
+            buckets=_EVENT_LATENCY_BUCKETS_S, registry=r)
+        self.preview_viewers = Gauge(
+            "agecam_preview_viewers", "Open MJPEG preview streams.", ["camera"], registry=r)
+        self.model = Info(
+            "agecam_model", "Models in use (detector kind and model, age model name, version and sha256 prefix).",
+            registry=r)
+        self.build = Info(
+            "agecam_build", "agecam, Python and onnxruntime versions and the onnxruntime providers asked for.", registry=r)
+        self.add_cameras(cameras)
+        self.set_build_info(providers=())
+
+    def add_cameras(self, cameras: Iterable[str]) -> None:
+        """Create every per-camera series at zero so rates and absences are visible from the first scrape."""
+        for cam in cameras:
+            for metric in (self.frames_captured_total, self.frames_processed_total, self.faces_detected_total,
+                           self.age_samples_total, self.active_tracks, self.reconnects_total, self.camera_up,
+                           self.preview_viewers):
+                metric.labels(camera=cam)
+            for stage in DROP_STAGES:
+                self.frames_dropped_total.labels(camera=cam, stage=stage)
+        for stage in STAGES:
+            self.stage_duration_seconds.labels(stage=stage)
+        for kind in EVENT_TYPES:
+            self.events_published_total.labels(type=kind)
+        for reason in DROP_REASONS:
+            self.events_dropped_total.labels(reason=reason)
+
+    def set_model_info(self, *, detector_kind: str, detector_model: str, age_model: str, age_version: str,
+                       age_sha256: str) -> None:
+        """Record which models run; the sha256 is shortened to 12 hex digits."""
+        self.model.info({"detector_kind": detector_kind, "detector_model": detector_model, "age_model": age_model,
+                         "age_version": age_version, "age_sha256": age_sha256[:12]})
+
+    def set_build_info(self, *, providers: Sequence[str]) -> None:
+        """Record versions (read from package metadata, nothing heavy imported) and the providers in use."""
+        self.build.info({"version": agecam.__version__, "python": platform.python_version(),
+                         "onnxruntime": _dist_version("onnxruntime-gpu", "onnxruntime"),
+                         "providers": ",".join(providers)})
+
+    def serve(self, bind: str) -> "MetricsServer":
+        """Serve /metrics on HOST:PORT (port 0 picks a free one) in a named daemon thread."""
+        host, port = split_host_port(bind)
+        return MetricsServer(self.registry, host, port)
+
+
+def split_host_port(bind: str) -> tuple[str, int]:
+    """'127.0.0.1:9108' or '[::1]:9108' -> (host, port)."""
+    host, _, port = bind.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {bind!r}")
+    return host.strip("[]"), int(port)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log on stderr: scrapes every few seconds would flood the journal."""
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+        pass
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _ThreadingServer6(_ThreadingServer):
+    address_family = socket.AF_INET6
+
+
+class MetricsServer:
+    """A running /metrics endpoint; `close()` stops it and frees the port."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int):
+        server_class = _ThreadingServer6 if ":" in host else _ThreadingServer
+        self._httpd = make_server(host, port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler)
+        self.host = host
+        self.port = int(self._httpd.server_address[1])
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.5},
+                                        name="metrics-http", daemon=True)
+        self._thread.start()
+        log.info("metrics on http://%s:%d/metrics", host if ":" not in host else f"[{host}]", self.port)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop serving, join the thread and close the socket."""
+        self._httpd.shutdown()
+        self._thread.join(timeout_s)
+        self._httpd.server_close()
+        if self._thread.is_alive():
+            log.warning("thread %s did not stop within %.1f s", self._thread.name, timeout_s)
