@@ -93,15 +93,13 @@ class App:
                                    on_drop=lambda reason: m.events_dropped_total.labels(reason=reason).inc())
         self.age_service = AgeService(self._age_model, cfg.age.max_batch, self.stop_event, m)
         self.hub = None
-        if cfg.preview.bind or cfg.preview.record_path:
+        if cfg.preview.bind:
             from agecam.daemon.preview import PreviewHub, PreviewServer
 
-            self.hub = PreviewHub(list(self.cameras), cfg.preview.jpeg_quality, cfg.preview.max_fps,
-                                  record_path=cfg.preview.record_path)
-            if cfg.preview.bind:
-                server = PreviewServer(cfg.preview, self.hub, self.health)
-                server.start()
-                self._servers.append(server)
+            self.hub = PreviewHub(list(self.cameras), cfg.preview.jpeg_quality, cfg.preview.max_fps)
+            server = PreviewServer(cfg.preview, self.hub, self.health)
+            server.start()
+            self._servers.append(server)
         for cam in cfg.cameras:
             if not cam.enabled:
                 continue
@@ -111,7 +109,7 @@ class App:
                 cam, cfg, slot=slot, detector=self._detector, age_model=self._age_model,
                 age_service=self.age_service, events=self.events, submit=self.publisher.submit,
                 stop=self.stop_event, ended=self.ended[cam.name], metrics=m, hub=self.hub,
-                frame_tap=self._frame_tap)
+                recorder=self._recorder(cam), frame_tap=self._frame_tap)
             self.captures[cam.name] = CaptureThread(
                 cam, slot, self.stop_event, on_status=self._on_status,
                 on_frame=lambda c=cam.name: m.frames_captured_total.labels(camera=c).inc(),
@@ -128,6 +126,13 @@ class App:
         log.info("started: %d camera(s); events on %s%s%s", len(self.captures), self.publisher.endpoint,
                  f"; metrics on http://{cfg.metrics.bind}/metrics" if cfg.metrics.bind else "",
                  f"; preview on http://{cfg.preview.bind}/" if cfg.preview.bind else "")
+
+    def _recorder(self, cam):
+        if not self.cfg.preview.record_path:
+            return None
+        from agecam.daemon.preview import Recorder
+
+        return Recorder(self.cfg.preview.record_path, cam.name, cam.max_fps or self.cfg.preview.max_fps)
 
     def _set_info(self, m) -> None:
         spec = getattr(self._age_model, "spec", None)
@@ -148,8 +153,6 @@ class App:
             st.was_online = st.was_online or status == "online"
             st.status, st.reason, st.since_s = status, secret_free(reason), time.time()
         self.metrics.camera_up.labels(camera=camera).set(1 if status == "online" else 0)
-        level = logging.WARNING if status == "offline" else logging.INFO
-        log.log(level, "camera %s %s%s", camera, status, f": {st.reason}" if st.reason else "")
         self.publisher.submit(self.events.camera_status(camera, time.time(), status, st.reason))
         if status == "ended":
             self.ended[camera].set()

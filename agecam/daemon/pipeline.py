@@ -115,7 +115,7 @@ class CameraPipeline:
 
     def __init__(self, cam: CameraConfig, cfg: Config, *, slot, detector, age_model, age_service: AgeService,
                  events: EventFactory, submit, stop: threading.Event, ended: threading.Event,
-                 metrics=None, hub=None, frame_tap=None):
+                 metrics=None, hub=None, recorder=None, frame_tap=None):
         self.cam = cam
         self.cfg = cfg
         self.slot = slot
@@ -128,6 +128,7 @@ class CameraPipeline:
         self.ended = ended
         self.metrics = metrics
         self.hub = hub
+        self.recorder = recorder
         self.frame_tap = frame_tap
         self.tracker = Tracker(cfg.tracker)
         self.sampler = AgeSampler(cfg.age)
@@ -200,7 +201,7 @@ class CameraPipeline:
             m.active_tracks.labels(camera=self.cam.name).set(len(self.states))
         if self.frame_tap:
             self.frame_tap(frame, dets)
-        if self.hub is not None:
+        if self.hub is not None or self.recorder is not None:
             self._preview(frame)
 
     def _detect(self, frame: Frame) -> Detections:
@@ -301,6 +302,8 @@ class CameraPipeline:
             self._finish(self.states[tid].track, ts)
         if self.metrics:
             self.metrics.active_tracks.labels(camera=self.cam.name).set(0)
+        if self.recorder is not None:
+            self.recorder.close()
 
     def _emit(self, type_: str, track, age, ts: float) -> None:
         ev = self.events.track(type_, self.cam.name, ts, track.track_id, track.box_xyxy, track.det_score, age,
@@ -321,6 +324,10 @@ class CameraPipeline:
                  for tid, st in self.states.items() if st.track.det_index is not None]
         status = f"{self.cam.name}  {self.stats.fps:4.1f} fps  faces {len(views)}"
         t0 = time.perf_counter()
-        self.hub.publish(self.cam.name, annotate(frame.image, views, status))
+        image = annotate(frame.image, views, status)
+        if self.hub is not None:
+            self.hub.publish(self.cam.name, image)
+        if self.recorder is not None and not self.recorder.write(image) and self.metrics:
+            self.metrics.frames_dropped_total.labels(camera=self.cam.name, stage="record").inc()
         if self.metrics:
             self.metrics.stage_duration_seconds.labels(stage="annotate").observe(time.perf_counter() - t0)
