@@ -240,12 +240,15 @@ class Tracker:
         """Snapshots of the live tracks, by id."""
         return [t.snapshot() for t in sorted(self._tracks, key=lambda t: t.track_id)]
 
-    def predict_boxes(self, ts_s: float) -> dict[int, tuple[float, float, float, float]]:
-        """Where each live track is expected at ts_s (does not change the tracker)."""
-        out = {}
-        for t in self._tracks:
-            x, _ = t.kf.predicted(ts_s - t.ts)
-            out[t.track_id] = tuple(float(v) for v in _z_to_xyxy(x[:4]))
+    def predict_boxes(self, ts_s: float) -> np.ndarray:
+        """(N, 4) float32 boxes where the live tracks are expected at ts_s, in the order of `tracks` (by id).
+
+        Does not change the tracker; lets the detector search only around them.
+        """
+        live = sorted(self._tracks, key=lambda t: t.track_id)
+        out = np.zeros((len(live), 4), np.float32)
+        for i, t in enumerate(live):
+            out[i] = _z_to_xyxy(t.kf.predicted(ts_s - t.ts)[0][:4])
         return out
 
     def pop_ended(self) -> list[Track]:
