@@ -233,7 +233,8 @@ def test_predict_boxes_uses_velocity_in_pixels_per_second(ahead_s):
     before = tracker.tracks
     pred = tracker.predict_boxes(float(times[-1] + ahead_s))
     # then the centre is where constant velocity puts it, and the tracker did not move
-    cx = (pred[1][0] + pred[1][2]) / 2
+    assert pred.shape == (1, 4) and pred.dtype == np.float32, f"expected one float32 box, got {pred!r}"
+    cx = (pred[0, 0] + pred[0, 2]) / 2
     want = 100 + 100 * (times[-1] + ahead_s)
     assert abs(cx - want) < 3.0, f"predicted centre x {cx:.1f}, expected {want:.1f} ({ahead_s} s ahead)"
     assert tracker.tracks == before, "predict_boxes must not change the tracker"
