@@ -19,6 +19,31 @@ DLIB5_PREDICTOR_RELPATH = Path("dlib") / "shape_predictor_5_face_landmarks.dat"
 REFERENCE_MODEL_RELPATH = Path("age") / "cydral-age-v1.onnx"
 
 
+# dlib's shape predictor starts from its mean shape placed in the box, so it wants the box its own frontal-face
+# detector draws: square, about 0.88 of an MTCNN box's mean side, centred 0.07 of a side lower (MTCNN boxes are
+# taller than wide and reach higher up the forehead). Measured on the parity faces; x kept centred by symmetry.
+DLIB_BOX_SCALE = 0.88
+DLIB_BOX_DY = 0.07
+
+
+def dlib_box_from_detector_box(box_xyxy) -> tuple[float, float, float, float]:
+    """The square box dlib's frontal-face detector would draw for an MTCNN-style detector box."""
+    x1, y1, x2, y2 = (float(v) for v in box_xyxy)
+    side = 0.5 * ((x2 - x1) + (y2 - y1))
+    cx, cy = 0.5 * (x1 + x2), 0.5 * (y1 + y2) + DLIB_BOX_DY * side
+    half = 0.5 * DLIB_BOX_SCALE * side
+    return cx - half, cy - half, cx + half, cy + half
+
+
+def box_from_landmarks(landmarks5) -> tuple[float, float, float, float]:
+    """A rough MTCNN-style box around 5 landmarks (for callers that lost the detector's box)."""
+    p = np.asarray(landmarks5, np.float64).reshape(5, 2)
+    eye_mid, mouth_mid = p[:2].mean(0), p[3:].mean(0)
+    side = 2.2 * max(np.linalg.norm(p[1] - p[0]), np.linalg.norm(mouth_mid - eye_mid))
+    cx, cy = p[:, 0].mean(), 0.5 * (eye_mid[1] + mouth_mid[1]) - 0.05 * side
+    return cx - 0.4 * side, cy - 0.5 * side, cx + 0.4 * side, cy + 0.5 * side
+
+
 class AgeModel:
     """One ONNX Runtime session around an agecam age model; `predict` is thread-safe and shared by every camera.
 
@@ -94,7 +119,7 @@ class AgeModel:
 
     def dlib5_points(self, image_bgr: np.ndarray, box_xyxy) -> np.ndarray:
         """dlib's 5 points (eye corners, nose bottom) inside `box_xyxy`, from a small RGB crop around the box."""
-        x1, y1, x2, y2 = (float(v) for v in box_xyxy)
+        x1, y1, x2, y2 = dlib_box_from_detector_box(box_xyxy)
         m = 0.3 * max(x2 - x1, y2 - y1)
         h, w = image_bgr.shape[:2]
         xa, ya = max(0, int(x1 - m)), max(0, int(y1 - m))
@@ -108,8 +133,8 @@ class AgeModel:
     def make_chip(self, image_bgr: np.ndarray, landmarks5, box_xyxy=None) -> np.ndarray:
         """A uint8 (H, W, 3) chip in the model's colour order; dlib5 mode needs `box_xyxy` (the detector's box)."""
         if self._sp is not None:
-            if box_xyxy is None:
-                raise ValueError("age.landmarks 'dlib5' needs the face box to place dlib's predictor")
+            if box_xyxy is None:  # callers should pass the detector's box; this approximates one from the points
+                box_xyxy = box_from_landmarks(landmarks5)
             points = self.dlib5_points(image_bgr, box_xyxy)
         else:
             points = np.asarray(landmarks5, np.float64).reshape(5, 2)

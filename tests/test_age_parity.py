@@ -1,0 +1,90 @@
+"""Acceptance: the reference age model through our pipeline agrees with its own (dlib) preprocessing."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+cv2 = pytest.importorskip("cv2")
+dlib = pytest.importorskip("dlib")
+
+from agecam.config import AgeConfig, DetectorConfig, RuntimeConfig  # noqa: E402
+from agecam.daemon.age import AgeModel  # noqa: E402
+from agecam.daemon.detect import build_detector  # noqa: E402
+from agecam.models.fetch import check_models, default_model_paths  # noqa: E402
+
+MAX_MEAN_ABS_DIFF_YEARS = 2.0
+MIN_FACE_PX = 60
+
+
+def sample_images() -> dict[str, np.ndarray]:
+    """BGR sample images with real faces: insightface's t1.jpg and Tom Hanks (padded), scikit-image's astronaut."""
+    insightface = pytest.importorskip("insightface")
+    skdata = pytest.importorskip("skimage.data")
+    d = Path(insightface.__file__).parent / "data" / "images"
+    hanks = cv2.imread(str(d / "Tom_Hanks_54745.png"))
+    return {
+        "t1": cv2.imread(str(d / "t1.jpg")),
+        # a 112x112 aligned crop: pad it (the same for both pipelines) so both detectors see a whole face
+        "hanks": cv2.copyMakeBorder(hanks, 56, 56, 56, 56, cv2.BORDER_CONSTANT, value=(0, 0, 0)),
+        "astronaut": np.ascontiguousarray(skdata.astronaut()[:, :, ::-1]),
+    }
+
+
+def _iou(a, b) -> float:
+    x1, y1, x2, y2 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+@pytest.fixture(scope="module")
+def models():
+    runtime = RuntimeConfig(intra_op_threads=2)
+    paths = default_model_paths(runtime.models_dir)
+    problems = check_models(runtime.models_dir)
+    if problems:
+        pytest.skip(f"default models not usable in {runtime.models_dir} ({problems}); run `agecam models fetch`")
+    return runtime, paths
+
+
+@pytest.mark.slow
+def test_reference_model_ages_match_dlib_preprocessing(models):
+    runtime, paths = models
+    # given our default pipeline (MTCNN -> age chip per the default AgeConfig -> batched runner)
+    age_cfg = AgeConfig()
+    ours = AgeModel(paths.age, runtime, age_cfg, paths)
+    detector = build_detector(DetectorConfig(min_face_px=20), runtime, paths)
+    # and the reference preprocessing: dlib's detector, dlib's 5 points, dlib's own chip, the same model
+    dlib_detector = dlib.get_frontal_face_detector()
+    shape_predictor = dlib.shape_predictor(str(paths.shape5))
+
+    rows, unmatched = [], []
+    for name, bgr in sample_images().items():
+        rgb = np.ascontiguousarray(bgr[:, :, ::-1])
+        dets = detector.detect(bgr)
+        for rect in dlib_detector(rgb, 1):  # upsample once so the padded 112-px crop is found
+            if rect.width() < MIN_FACE_PX:
+                continue
+            ref_chip = dlib.extract_image_chip(rgb, dlib.get_face_chip_details(shape_predictor(rgb, rect), 64, 0.2))
+            ref_years = float(ours.expected_years(ours.predict(ref_chip[None]))[0])
+            box = (rect.left(), rect.top(), rect.right(), rect.bottom())
+            ious = [_iou(box, b) for b in dets.boxes_xyxy]
+            if not ious or max(ious) < 0.3:
+                unmatched.append(f"{name} {box} (reference {ref_years:.1f} y)")
+                continue
+            j = int(np.argmax(ious))
+            chip = ours.make_chip(bgr, dets.landmarks[j], dets.boxes_xyxy[j])
+            rows.append((name, rect.width(), ref_years, chip))
+    # when all our chips go through the runner in one batch
+    our_years = ours.expected_years(ours.predict(np.stack([r[3] for r in rows])))
+    diffs = np.array([o - r[2] for o, r in zip(our_years, rows)])
+    table = "\n".join(f"  {r[0]:>9} face {r[1]:3d}px: reference {r[2]:5.1f} y, ours {o:5.1f} y, diff {d:+5.2f}"
+                      for r, o, d in zip(rows, our_years, diffs))
+    summary = (f"landmarks={age_cfg.landmarks}: mean |diff| {np.abs(diffs).mean():.2f} y over {len(rows)} faces "
+               f"(bound {MAX_MEAN_ABS_DIFF_YEARS})\n{table}\n  reference-only (a dlib detection MTCNN does not "
+               f"share, e.g. a false positive): {unmatched}")
+    print(summary)
+    # then the faces are the expected ones and the ages agree on average within the bound
+    assert len(rows) >= 7, f"expected the 6 t1 faces, Tom Hanks and the astronaut (>= 7 matched), got:\n{summary}"
+    assert np.abs(diffs).mean() <= MAX_MEAN_ABS_DIFF_YEARS, f"ages drift from the reference pipeline:\n{summary}"
