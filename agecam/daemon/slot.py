@@ -1,0 +1,55 @@
+"""A size-one "latest wins" conduit for frames: a put overwrites, and an overwrite counts a dropped frame."""
+from __future__ import annotations
+
+import threading
+from typing import Callable, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class LatestSlot(Generic[T]):
+    """Holds at most one item. `put` never blocks; `get` takes the newest item or times out with None.
+
+    An item overwritten before anyone took it is a dropped frame: `dropped` counts it and `on_drop()` is called
+    (outside the lock, from the putting thread).
+    """
+
+    def __init__(self, on_drop: Callable[[], None] | None = None):
+        self._cond = threading.Condition()
+        self._item: T | None = None
+        self._on_drop = on_drop
+        self.dropped = 0  # items overwritten before a get took them
+        self.put_count = 0  # items ever put
+
+    def put(self, item: T) -> bool:
+        """Store `item`, replacing any untaken one; returns True when that replaced (dropped) an item."""
+        if item is None:
+            raise ValueError("None cannot be put into a LatestSlot (get() uses None for 'nothing arrived')")
+        with self._cond:
+            overwrote = self._item is not None
+            self._item = item
+            self.put_count += 1
+            if overwrote:
+                self.dropped += 1
+            self._cond.notify()
+        if overwrote and self._on_drop is not None:
+            self._on_drop()
+        return overwrote
+
+    def get(self, timeout_s: float | None = None) -> T | None:
+        """Take the newest item, waiting at most `timeout_s` (None: forever); None when nothing arrived in time."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._item is not None, timeout=timeout_s):
+                return None
+            item, self._item = self._item, None
+            return item
+
+    def peek(self) -> T | None:
+        """The untaken item, if any, without taking it."""
+        with self._cond:
+            return self._item
+
+    def clear(self) -> None:
+        """Forget any untaken item (not counted as a drop)."""
+        with self._cond:
+            self._item = None
