@@ -104,7 +104,7 @@ class AgeConfig(_Section):
     landmarks: Literal["detector", "dlib5"] = Field(
         "dlib5",
         description="Where chip landmarks come from: dlib's 5-point predictor in the detector's box (reproduces the "
-        "reference model's training chips: within ~1 year of its own pipeline; needs dlib, ~1 ms per face), or the "
+        "reference model's training chips: within ~1 year of its own pipeline; needs dlib, ~1-3 ms per face), or the "
         "detector's 5 points (no dlib; ~2.3 years from the reference pipeline on the sample faces).",
     )
     first_sample_s: float = Field(0.0, ge=0, description="Delay after a track is confirmed before its first sample.")
