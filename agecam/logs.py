@@ -97,7 +97,7 @@ def under_journald(stream: IO[str]) -> bool:
     return dev.isdigit() and ino.isdigit() and (st.st_dev, st.st_ino) == (int(dev), int(ino))
 
 
-def setup(level: str = "INFO", fmt: str = "text", stream: IO[str] | None = None) -> logging.Handler:
+def setup_logging(level: str = "INFO", fmt: str = "text", stream: IO[str] | None = None) -> logging.Handler:
     """Configure the root logger once (again on each call: the old agecam handler is replaced); returns the handler."""
     stream = stream if stream is not None else sys.stderr
     handler = logging.StreamHandler(stream)

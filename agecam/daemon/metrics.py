@@ -17,10 +17,10 @@ import agecam
 log = logging.getLogger(__name__)
 
 # Bounded label values. Cameras are bounded by the config; these are fixed here.
-STAGES = ("wait", "detect", "track", "age", "publish", "annotate", "encode")
+STAGES = ("wait", "detect", "track", "chip", "age", "publish", "annotate", "encode")
 DROP_STAGES = ("capture", "age", "preview", "record")
 EVENT_TYPES = ("track.start", "track.update", "track.end", "camera.status")
-DROP_REASONS = ("queue_full", "send_error")
+DROP_REASONS = ("queue_full", "hwm")
 
 _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _EVENT_LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -54,8 +54,8 @@ class Metrics:
             ["camera", "stage"], registry=r)
         self.stage_duration_seconds = Histogram(
             "agecam_stage_duration_seconds",
-            "Time spent per stage: wait = capture to pipeline pickup, then detect, track, age (per batch), "
-            "publish, annotate, encode (JPEG).",
+            "Time spent per stage: wait = capture to pipeline pickup, then detect, track, chip (face alignment), "
+            "age (per batch), publish, annotate, encode (JPEG).",
             ["stage"], buckets=_LATENCY_BUCKETS_S, registry=r)
         self.faces_detected_total = Counter(
             "agecam_faces_detected_total", "Faces returned by the detector.", ["camera"], registry=r)
@@ -68,7 +68,7 @@ class Metrics:
         self.events_published_total = Counter(
             "agecam_events_published_total", "Events handed to ZeroMQ.", ["type"], registry=r)
         self.events_dropped_total = Counter(
-            "agecam_events_dropped_total", "Events not published.", ["reason"], registry=r)
+            "agecam_events_dropped_total", "Events not published: queue_full = internal queue full, hwm = ZeroMQ high-water mark.", ["reason"], registry=r)
         self.reconnects_total = Counter(
             "agecam_reconnects_total", "Attempts to reopen a source after it failed or went silent.", ["camera"], registry=r)
         self.camera_up = Gauge(
@@ -151,7 +151,7 @@ class MetricsServer:
         self._httpd = make_server(host, port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler)
         self.host = host
         self.port = int(self._httpd.server_address[1])
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.5},
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="metrics-http", daemon=True)
         self._thread.start()
         log.info("metrics on http://%s:%d/metrics", host if ":" not in host else f"[{host}]", self.port)

@@ -142,15 +142,22 @@ class PreviewHub:
             self._cond.notify_all()
 
 
+def camera_state(info: dict) -> str:
+    """A camera's state from its health entry ('state' or 'status' key)."""
+    return str(info.get("state", info.get("status", "unknown")))
+
+
 def health_ok(report: dict) -> bool:
     """True when every camera in a health report is online or ended normally."""
     cams = cameras_of(report)
-    return bool(cams) and all(str(c.get("state")) in HEALTHY_STATES for c in cams.values())
+    return bool(cams) and all(camera_state(c) in HEALTHY_STATES for c in cams.values())
 
 
 def cameras_of(report: dict) -> dict[str, dict]:
     """The per-camera part of a health report: report['cameras'] when present, else the report itself."""
     cams = report.get("cameras", report) if isinstance(report, dict) else {}
+    if not isinstance(cams, dict):
+        return {}
     return {k: v for k, v in cams.items() if isinstance(v, dict)}
 
 
@@ -164,7 +171,7 @@ h1{{font-size:1.2em;margin:0 0 .5em}}
 figure{{margin:0;background:#222;padding:.5em;border-radius:6px}}
 figcaption{{margin-bottom:.3em}}
 img{{display:block;max-width:100%;width:640px;background:#000}}
-.state{{font-weight:bold}} .online,.ended{{color:#5c5}} .offline,.failed,.down{{color:#e55}} .connecting{{color:#ea3}}
+.state{{font-weight:bold}} .online,.ended{{color:#5c5}} .offline,.crashed,.down{{color:#e55}} .starting{{color:#ea3}}
 </style></head><body>
 <h1>agecam &mdash; live preview</h1>
 <div class="cams">
@@ -178,7 +185,8 @@ async function poll() {{
     const j = await r.json();
     for (const [name, c] of Object.entries(j.cameras || {{}})) {{
       const el = document.getElementById('state-' + name);
-      if (el) {{ el.textContent = c.state; el.className = 'state ' + c.state; }}
+      const s = c.state || c.status;
+      if (el) {{ el.textContent = s; el.className = 'state ' + s; }}
     }}
   }} catch (e) {{}}
 }}
@@ -266,7 +274,7 @@ class _Handler(BaseHTTPRequestHandler):
         cams = cameras_of(owner.health_report())
         figures = "\n".join(
             _FIGURE.format(name=html.escape(name), qname=quote(name, safe=""), query=html.escape(qs),
-                           state=html.escape(str(cams.get(name, {}).get("state", "unknown"))))
+                           state=html.escape(camera_state(cams.get(name, {}))))
             for name in owner.hub.cameras)
         body = _PAGE.format(figures=figures, query_json=json.dumps(qs).replace("<", "\\u003c"))
         self._send(200, body.encode(), "text/html; charset=utf-8")
@@ -307,6 +315,15 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     owner: "PreviewServer"
 
+    def handle_error(self, request, client_address) -> None:
+        """A viewer that hangs up is normal; anything else is logged (never with the request's query)."""
+        import sys
+
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, socket.timeout)):
+            return
+        log.error("preview connection from %s failed: %r", client_address[0], exc)
+
 
 class _Server6(_Server):
     address_family = socket.AF_INET6
@@ -315,8 +332,8 @@ class _Server6(_Server):
 class PreviewServer:
     """HTTP preview: `/`, `/cameras/<name>/stream.mjpg`, `/cameras/<name>/snapshot.jpg`, `/healthz`.
 
-    health() returns {camera: {"state": ..., ...}} (optionally wrapped as {"cameras": {...}}); /healthz answers 200
-    when every camera is 'online' or 'ended', else 503. With cfg.token set every route needs the token.
+    health() returns {"cameras": {camera: {"status"|"state": ..., ...}}} (or the per-camera dict bare); /healthz
+    answers 200 when every camera is 'online' or 'ended', else 503. With cfg.token set every route needs the token.
     """
 
     def __init__(self, cfg: PreviewConfig, hub: PreviewHub, health: Callable[[], dict]):
@@ -363,7 +380,7 @@ class PreviewServer:
 
     def start(self) -> None:
         """Serve in thread `preview-http`."""
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.5},
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="preview-http", daemon=True)
         self._thread.start()
         log.info("preview on %s%s", self.url, " (token required)" if self.token else "")
