@@ -190,8 +190,16 @@ class _Graph:
         return self.node("Conv", [x, self.w(f"{layer}.weight"), self.w(f"{layer}.bias")], layer)
 
     def prelu(self, x: str, layer: str, spatial: bool) -> str:
+        """PReLU as Relu(x) + slope * Min(x, 0): same values, but onnxruntime's CPU PRelu kernel is slow and breaks
+        its blocked-layout conv chain (measured: O-Net batch 45 76 -> 36 ms, R-Net batch 461 112 -> 91 ms)."""
         c = self.sd[f"{layer}.weight"].shape[0]
-        return self.node("PRelu", [x, self.w(f"{layer}.weight", (c, 1, 1) if spatial else (c,))], layer)
+        slope = self.w(f"{layer}.weight", (c, 1, 1) if spatial else (c,))
+        if "zero" not in self.used:
+            self.used.add("zero")
+            self.inits.append(numpy_helper.from_array(np.zeros((), np.float32), "zero"))
+        pos = self.node("Relu", [x], f"{layer}.pos")
+        neg = self.node("Mul", [self.node("Min", [x, "zero"], f"{layer}.min"), slope], f"{layer}.neg")
+        return self.node("Add", [pos, neg], layer)
 
     def pool(self, x: str, name: str, k: int, s: int) -> str:
         return self.node("MaxPool", [x], name, kernel_shape=[k, k], strides=[s, s], ceil_mode=1)
@@ -200,7 +208,7 @@ class _Graph:
         return self.node("Gemm", [x, self.w(f"{layer}.weight"), self.w(f"{layer}.bias")], layer, transB=1)
 
     def finish(self, name: str, inp, outs) -> onnx.ModelProto:
-        unused = sorted(set(self.sd) - self.used)
+        unused = sorted(set(self.sd) - self.used)  # every weight must be consumed
         if unused:
             raise StateDictError(f"{self.net}: state dict has keys the graph does not use: {unused}")
         g = helper.make_graph(self.nodes, name, [inp], outs, self.inits)
