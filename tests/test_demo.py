@@ -147,9 +147,10 @@ def test_two_faces_cross(seed, scenes):
                 if (a, b) in first_x and np.sign(dx) != np.sign(first_x[(a, b)]) and dx != 0:
                     crossed.append((a, b, i))
                 first_x.setdefault((a, b), dx)
-    # then some pair swapped sides while their heads overlapped
+    # then the scripted pair swapped sides while their heads overlapped
     assert crossed, f"seed {seed}: no two faces cross in the first 6 s"
     a, b, i = crossed[0]
+    assert {a, b} == set(scene.crossing_pair), f"seed {seed}: {a} and {b} crossed, not {scene.crossing_pair}"
     heads = {d.name: d.head_xyxy for d in scene.drawn_at(i)}
     assert box_iou(heads[a], heads[b]) > 0.2, f"{a} and {b} cross without overlapping: {heads[a]} {heads[b]}"
 
@@ -180,3 +181,102 @@ def test_frame_at_is_cheap(scenes):
     ms = (time.perf_counter() - t0) / 45 * 1e3
     # then a frame takes a few milliseconds at most (it is paced at 15 fps beside a detector)
     assert ms < 8.0, f"frame_at took {ms:.1f} ms per frame"
+
+
+# --- the demo scene through a real detector and the tracker ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mtcnn():
+    """The fetched MTCNN on onnxruntime's CPU provider; skips when `agecam models fetch` has not been run."""
+    from agecam.config import DEFAULT_MODELS_DIR, DetectorConfig, RuntimeConfig
+    from agecam.models.fetch import MissingModelsError, ensure_models
+
+    try:
+        models = ensure_models(DEFAULT_MODELS_DIR)
+    except MissingModelsError as exc:
+        pytest.skip(f"fetched models not present: {exc}")
+    from agecam.daemon.detect import build_detector
+
+    return build_detector(DetectorConfig(), RuntimeConfig(intra_op_threads=2), models)
+
+
+def score_tracking(frames, scene: DemoScene, buffer_s: float, min_iou: float = 0.3) -> dict:
+    """Match truth faces to confirmed, currently matched tracks by IoU; count ID switches, merges, misses.
+
+    A truth object is one visit of an identity: visits separated by a gap longer than the tracker's lost buffer
+    are different objects (a face that comes back after long should get a new id).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    visits = {}
+    for name, spans in scene.timeline().items():
+        merged = []
+        for a, b in spans:
+            if merged and a - merged[-1][1] <= buffer_s:
+                merged[-1] = (merged[-1][0], b)
+            else:
+                merged.append((a, b))
+        visits[name] = merged
+    seq: dict[tuple[str, int], list[int]] = {}
+    objects_of_track: dict[int, set] = {}
+    n_truth = n_matched = 0
+    confirmed_ids = set()
+    for ts, truth, tracks in frames:
+        live = [t for t in tracks if t.is_confirmed and t.det_index is not None]
+        confirmed_ids |= {t.track_id for t in live}
+        n_truth += len(truth)
+        if not truth or not live:
+            continue
+        iou = np.array([[box_iou(box, t.box_xyxy) for t in live] for _, box in truth])
+        for r, c in zip(*linear_sum_assignment(-iou)):
+            if iou[r, c] < min_iou:
+                continue
+            name = truth[r][0]
+            visit = next(k for k, (a, b) in enumerate(visits[name]) if a - 1e-6 <= ts <= b + 1e-6)
+            seq.setdefault((name, visit), []).append(live[c].track_id)
+            objects_of_track.setdefault(live[c].track_id, set()).add((name, visit))
+            n_matched += 1
+    id_switches = sum(int(np.count_nonzero(np.diff(s))) for s in seq.values())
+    return {
+        "id_switches": id_switches,
+        "merged_tracks": sorted(t for t, objs in objects_of_track.items() if len(objs) > 1),
+        "false_tracks": sorted(confirmed_ids - set(objects_of_track)),
+        "objects": {k: sorted(set(v)) for k, v in seq.items()},
+        "all_objects": [(n, k) for n, v in visits.items() for k in range(len(v))],
+        "recall": n_matched / max(1, n_truth),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 3])
+def test_detector_and_tracker_follow_the_demo_identities(seed, mtcnn):
+    from agecam.config import TrackerConfig
+    from agecam.daemon.track import Tracker
+
+    # given 8 s of the demo scene, processed at 7.5 fps (every other frame: what a CPU keeps up with)
+    scene = DemoScene(seed, fps=FPS, duration_s=8.0)
+    cfg = TrackerConfig()
+    tracker = Tracker(cfg)
+    frames = []
+    # when MTCNN detects and the tracker tracks
+    for i in range(0, scene.n_frames, 2):
+        img, truth = scene.frame_at(i)
+        ts = 1000.0 + i / FPS
+        frames.append((i / FPS, truth, tracker.update(mtcnn.detect(img), ts)))
+    report = score_tracking(frames, scene, cfg.lost_track_buffer_s)
+    print(f"seed {seed}: {report}")
+    # then every identity visit got a track, no id jumped between people, and switches are rare
+    missed = [o for o in report["all_objects"] if o not in report["objects"]]
+    assert not missed, f"seed {seed}: these face visits never got a confirmed track: {missed}; {report}"
+    assert not report["merged_tracks"], f"seed {seed}: a track id passed between people: {report}"
+    assert report["id_switches"] <= 1, f"seed {seed}: {report['id_switches']} id switches: {report}"
+    assert report["recall"] > 0.7, f"seed {seed}: confirmed tracks cover only {report['recall']:.0%} of truth faces"
+    assert len(report["false_tracks"]) <= 1, f"seed {seed}: confirmed tracks on no face: {report['false_tracks']}"
+    # and the two walkers who cross (one hidden behind the other for a moment) each kept one id
+    for name in scene.crossing_pair:
+        assert len(report["objects"][(name, 0)]) == 1, f"seed {seed}: {name} changed id while crossing: {report}"
+    # and a face that left for longer than the lost buffer came back under a new id
+    names = {n for n, k in report["objects"] if k > 0}
+    for name in names:
+        first, again = report["objects"][(name, 0)], report["objects"][(name, 1)]
+        assert not set(first) & set(again), f"seed {seed}: {name} came back under its old id {first} / {again}"

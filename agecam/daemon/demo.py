@@ -202,6 +202,11 @@ class DemoScene:
     def identities(self) -> list[str]:
         return [head.name for head, _ in self._roles]
 
+    @property
+    def crossing_pair(self) -> tuple[str, str]:
+        """The two identities who walk past each other (the nearer one briefly hides the other)."""
+        return self._roles[0][0].name, self._roles[1][0].name
+
     def face_image(self, name: str) -> np.ndarray:
         """The source pixels of an identity's face box (BGR), as they are pasted (before scaling)."""
         for head, _ in self._roles:

@@ -56,37 +56,57 @@ def _z_to_xyxy(z: np.ndarray) -> np.ndarray:
     return np.array([z[0] - w / 2, z[1] - h / 2, z[0] + w / 2, z[1] + h / 2], np.float64)
 
 
-_H = np.hstack([np.eye(4), np.zeros((4, 4))])  # we observe centre and size, not velocity
-
-
 class _KalmanBox:
-    """Constant-velocity Kalman filter on (cx, cy, w, h) with time in seconds."""
+    """Constant-velocity Kalman filter on (cx, cy, w, h) with time in seconds.
+
+    F, Q, R and H act on each of the four coordinates separately, so the 8-state filter is exactly four
+    independent (position, velocity) filters; they are written out on floats, which is ~10x faster than
+    8x8 numpy algebra at these sizes.
+    """
+
+    __slots__ = ("pos", "vel", "p00", "p01", "p11")
 
     def __init__(self, z: np.ndarray):
-        self.x = np.concatenate([z, np.zeros(4)])
-        s = z[3]
-        self.P = np.diag(np.r_[np.full(4, (2 * _MEAS_STD * s) ** 2), np.full(4, (_INIT_VEL_STD * s) ** 2)])
+        s = float(z[3])
+        self.pos = [float(v) for v in z]
+        self.vel = [0.0] * 4
+        self.p00 = [(2 * _MEAS_STD * s) ** 2] * 4
+        self.p01 = [0.0] * 4
+        self.p11 = [(_INIT_VEL_STD * s) ** 2] * 4
 
-    def predicted(self, dt_s: float) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and covariance dt_s seconds ahead, without changing the filter."""
-        if dt_s <= 0:
-            return self.x.copy(), self.P.copy()
-        F = np.eye(8)
-        F[0:4, 4:8] = np.eye(4) * dt_s
-        s = max(self.x[3], _MIN_SIDE_PX)
-        q = np.r_[np.full(4, (_POS_STD_PER_SQRT_S * s) ** 2), np.full(4, (_VEL_STD_PER_SQRT_S * s) ** 2)] * dt_s
-        return F @ self.x, F @ self.P @ F.T + np.diag(q)
+    def predicted_pos(self, dt_s: float) -> list[float]:
+        """The (cx, cy, w, h) expected dt_s seconds ahead, without changing the filter."""
+        dt = max(dt_s, 0.0)
+        return [p + v * dt for p, v in zip(self.pos, self.vel)]
 
     def predict(self, dt_s: float) -> None:
-        self.x, self.P = self.predicted(dt_s)
-        self.x[2:4] = np.maximum(self.x[2:4], _MIN_SIDE_PX)
+        if dt_s <= 0:
+            return
+        dt = dt_s
+        s = max(self.pos[3], _MIN_SIDE_PX)
+        qp, qv = (_POS_STD_PER_SQRT_S * s) ** 2 * dt, (_VEL_STD_PER_SQRT_S * s) ** 2 * dt
+        for i in range(4):
+            p01, p11 = self.p01[i], self.p11[i]
+            self.pos[i] += self.vel[i] * dt
+            self.p00[i] += 2 * dt * p01 + dt * dt * p11 + qp
+            self.p01[i] = p01 + dt * p11
+            self.p11[i] = p11 + qv
+        self.pos[2] = max(self.pos[2], _MIN_SIDE_PX)
+        self.pos[3] = max(self.pos[3], _MIN_SIDE_PX)
 
     def correct(self, z: np.ndarray) -> None:
-        r = np.full(4, (_MEAS_STD * max(self.x[3], _MIN_SIDE_PX)) ** 2)
-        S = _H @ self.P @ _H.T + np.diag(r)
-        K = np.linalg.solve(S, _H @ self.P).T  # P H^T S^-1 (S and P symmetric)
-        self.x = self.x + K @ (z - _H @ self.x)
-        self.P = (np.eye(8) - K @ _H) @ self.P
+        r = (_MEAS_STD * max(self.pos[3], _MIN_SIDE_PX)) ** 2
+        for i in range(4):
+            p00, p01, p11 = self.p00[i], self.p01[i], self.p11[i]
+            k0, k1 = p00 / (p00 + r), p01 / (p00 + r)
+            innov = float(z[i]) - self.pos[i]
+            self.pos[i] += k0 * innov
+            self.vel[i] += k1 * innov
+            self.p00[i], self.p01[i], self.p11[i] = (1 - k0) * p00, (1 - k0) * p01, p11 - k1 * p01
+
+    def hold_size(self) -> None:
+        """Stop extrapolating the size (a lost box keeps its size; only its centre drifts on)."""
+        self.vel[2] = self.vel[3] = 0.0
 
 
 class _LiveTrack:
@@ -110,7 +130,7 @@ class _LiveTrack:
     def predict_to(self, ts_s: float) -> None:
         self.kf.predict(ts_s - self.ts)
         self.ts = max(self.ts, ts_s)
-        self.box = _z_to_xyxy(self.kf.x[:4])
+        self.box = _z_to_xyxy(self.kf.pos)
         self.det_index = None
 
     def match(self, box: np.ndarray, score: float, det_index: int, ts_s: float) -> None:
@@ -222,7 +242,7 @@ class Tracker:
                     t.state = "confirmed"
             elif not matched_now:
                 t.state = "lost"
-                t.kf.x[6:8] = 0.0  # a lost box keeps its size; only its centre drifts on
+                t.kf.hold_size()
             keep.append(t)
         # New tentative tracks from unmatched high-score detections.
         for bi in rest_h3:
@@ -248,7 +268,7 @@ class Tracker:
         live = sorted(self._tracks, key=lambda t: t.track_id)
         out = np.zeros((len(live), 4), np.float32)
         for i, t in enumerate(live):
-            out[i] = _z_to_xyxy(t.kf.predicted(ts_s - t.ts)[0][:4])
+            out[i] = _z_to_xyxy(t.kf.predicted_pos(ts_s - t.ts))
         return out
 
     def pop_ended(self) -> list[Track]:
