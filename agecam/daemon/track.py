@@ -183,9 +183,7 @@ class Tracker:
         self.cfg = cfg
         self._next_id = 1
         self._tracks: list[_LiveTrack] = []
-        self._confirmed_ids: set[int] = set()
         self._ended: list[Track] = []
-        self._last_ts: float | None = None
 
     def update(self, dets: Detections, ts_s: float) -> list[Track]:
         """Advance to ts_s, associate dets, and return every live track (tentative, confirmed, lost) by id."""
@@ -200,7 +198,6 @@ class Tracker:
                 t.predict_to(ts_s)
                 alive.append(t)
         self._tracks = alive
-        self._last_ts = ts_s if self._last_ts is None else max(self._last_ts, ts_s)
 
         boxes = np.asarray(dets.boxes_xyxy, np.float64).reshape(-1, 4)
         scores = np.asarray(dets.scores, np.float64).reshape(-1)
