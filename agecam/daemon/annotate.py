@@ -129,7 +129,10 @@ def annotate(image_bgr: np.ndarray, tracks: Sequence[TrackView], status_text: st
         else:
             cv2.rectangle(img, (x1, y1), (x2, y2), colour, 2 * thick)
         if t.quality is not None:
-            _quality_bar(img, x2 + 2 * thick, y1, y2, t.quality, thick)
+            bar_x = x2 + 2 * thick
+            if bar_x + 3 * thick + 1 >= w:  # no room right of the box: draw it just inside
+                bar_x = max(x1, x2 - 5 * thick - 1)
+            _quality_bar(img, bar_x, y1, y2, t.quality, thick)
         parts = label_parts(t)
         tw, th, base = _parts_size(parts, scale, thick)
         pad = 3 * thick
