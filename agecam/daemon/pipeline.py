@@ -19,9 +19,6 @@ from agecam.events import EventFactory, UpdatePolicy
 
 log = logging.getLogger(__name__)
 
-ROI_MARGIN = 0.6  # a track's search region grows by this share of its box side on every edge
-
-
 @dataclass
 class TrackState:
     """What the pipeline remembers about one confirmed track."""
@@ -46,68 +43,12 @@ class PipelineStats:
     event_latencies_s: list = field(default_factory=list)
 
 
-def _nms(dets: Detections, iou_thr: float = 0.4) -> Detections:
-    """Greedy NMS over merged region results."""
-    if len(dets) <= 1:
-        return dets
-    b = dets.boxes_xyxy
-    order = np.argsort(-dets.scores)
-    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    keep = []
-    while order.size:
-        i = order[0]
-        keep.append(i)
-        xx1 = np.maximum(b[i, 0], b[order[1:], 0])
-        yy1 = np.maximum(b[i, 1], b[order[1:], 1])
-        xx2 = np.minimum(b[i, 2], b[order[1:], 2])
-        yy2 = np.minimum(b[i, 3], b[order[1:], 3])
-        inter = np.clip(xx2 - xx1, 0, None) * np.clip(yy2 - yy1, 0, None)
-        iou = inter / (area[i] + area[order[1:]] - inter + 1e-9)
-        order = order[1:][iou < iou_thr]
-    keep = np.array(keep)
-    lm = dets.landmarks[keep] if dets.landmarks is not None else None
-    return Detections(dets.boxes_xyxy[keep], dets.scores[keep], lm)
-
-
-def _concat(parts: list[Detections]) -> Detections:
-    parts = [p for p in parts if len(p)]
-    if not parts:
-        return Detections.empty()
-    lms = [p.landmarks if p.landmarks is not None else np.zeros((len(p), 5, 2), np.float32) for p in parts]
-    return Detections(np.concatenate([p.boxes_xyxy for p in parts]).astype(np.float32),
-                      np.concatenate([p.scores for p in parts]).astype(np.float32),
-                      np.concatenate(lms).astype(np.float32))
-
-
 def _shift(d: Detections, dx: float, dy: float, scale: float = 1.0) -> Detections:
     if not len(d):
         return d
     boxes = d.boxes_xyxy * scale + np.array([dx, dy, dx, dy], np.float32)
     lm = d.landmarks * scale + np.array([dx, dy], np.float32) if d.landmarks is not None else None
     return Detections(boxes.astype(np.float32), d.scores, lm.astype(np.float32) if lm is not None else None)
-
-
-def merge_rois(boxes_xyxy: np.ndarray, w: int, h: int, margin: float = ROI_MARGIN) -> list[tuple[int, int, int, int]]:
-    """Search regions around predicted track boxes, expanded and merged where they overlap."""
-    rois = []
-    for x1, y1, x2, y2 in boxes_xyxy:
-        side = max(x2 - x1, y2 - y1)
-        m = side * margin
-        rois.append([max(0, x1 - m), max(0, y1 - m), min(w, x2 + m), min(h, y2 + m)])
-    merged = True
-    while merged and len(rois) > 1:
-        merged = False
-        for i in range(len(rois)):
-            for j in range(i + 1, len(rois)):
-                a, b = rois[i], rois[j]
-                if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]:
-                    rois[i] = [min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])]
-                    del rois[j]
-                    merged = True
-                    break
-            if merged:
-                break
-    return [(int(r[0]), int(r[1]), int(np.ceil(r[2])), int(np.ceil(r[3]))) for r in rois if r[2] - r[0] >= 8 and r[3] - r[1] >= 8]
 
 
 class CameraPipeline:
@@ -221,10 +162,7 @@ class CameraPipeline:
         if len(predicted) == 0:
             return Detections.empty()
         self.stats.region_searches += 1
-        parts = []
-        for x1, y1, x2, y2 in merge_rois(np.asarray(predicted, np.float32).reshape(-1, 4), w, h):
-            parts.append(_shift(self.detector.detect(np.ascontiguousarray(img[y1:y2, x1:x2])), x1, y1))
-        return _nms(_concat(parts))
+        return self.detector.detect_regions(img, predicted)
 
     def _advance(self, dets: Detections, ts: float, frame: Frame | None) -> None:
         """Track, announce starts and ends, sample ages, send updates."""
