@@ -31,6 +31,9 @@ def load_checkpoint(path: str | Path):
     """(model in eval mode, checkpoint dict) via the training package's loader."""
     from agecam.training.model import load_checkpoint as load
 
+    # checkpoints that stored `torch.__version__` as is hold a TorchVersion (a str subclass) that weights-only
+    # loading refuses by default; allowing that one harmless class keeps such files loadable
+    torch.serialization.add_safe_globals([torch.torch_version.TorchVersion])
     return load(str(path), map_location="cpu")
 
 

@@ -1,7 +1,6 @@
 """The export command's work, top to bottom: load, export, convert, check, measure, then publish the file."""
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -32,27 +31,22 @@ class ExportReport:
 
 
 def _split_names(ckpt: dict, part: str, checkpoint_path: Path) -> list[str] | None:
-    """File names (relative to the data folder) of one part of the checkpoint's split, when its file is readable.
+    """File names (relative to the data folder) of one part of the checkpoint's split CSV, when it is readable.
 
-    Accepts a JSON object {part: [names or {"file": name}...]} (optionally under "splits") or a CSV with
-    `file` and `split` columns.
+    The split file is looked for where the checkpoint says, then beside the checkpoint; a file whose sha256
+    differs from the checkpoint's record is not used (it is another split).
     """
-    split_file = (ckpt.get("split") or {}).get("file")
+    from agecam.training.split import file_sha256, read_split_csv
+
+    info = ckpt.get("split") or {}
+    split_file = info.get("file")
     if not split_file:
         return None
-    candidates = [Path(split_file), checkpoint_path.parent / split_file, checkpoint_path.parent / Path(split_file).name]
+    candidates = [Path(split_file), checkpoint_path.parent / Path(split_file).name]
     path = next((p for p in candidates if p.is_file()), None)
-    if path is None:
+    if path is None or (info.get("sha256") and file_sha256(path) != info["sha256"]):
         return None
-    if path.suffix == ".csv":
-        with path.open(newline="") as f:
-            return [row["file"] for row in csv.DictReader(f) if row.get("split") == part]
-    obj = json.loads(path.read_text())
-    obj = obj.get("splits", obj) if isinstance(obj, dict) else obj
-    items = obj.get(part) if isinstance(obj, dict) else None
-    if items is None:
-        return None
-    return [it if isinstance(it, str) else (it.get("file") or it.get("path") or it.get("name")) for it in items]
+    return [r.file for r in read_split_csv(path) if r.split == part]
 
 
 def _choose_sets(ckpt, checkpoint_path: Path, calib_data, eval_data, calib_count: int, eval_max: int, log,
@@ -71,7 +65,7 @@ def _choose_sets(ckpt, checkpoint_path: Path, calib_data, eval_data, calib_count
         log(f"held-out set: the {len(builtin)} packaged face crops (no labels: differences are against fp32)")
     calib = None
     train_names = _split_names(ckpt, "train", checkpoint_path)
-    ckpt_dir = (ckpt.get("data") or {}).get("dir")
+    ckpt_dir = (ckpt.get("data") or {}).get("root")
     if not calib_data and train_names is not None:  # the checkpoint's own train split, where its folder is at hand
         calib_data = next((d for d in (ckpt_dir, eval_data) if d and Path(d).is_dir()), None)
     if calib_data and need_calib:

@@ -145,6 +145,14 @@ def check_graph(spec: AgeModelSpec, model, where: str) -> None:
         raise ModelContractError(f"{where}: metadata names input {spec.input_name!r}, graph has {sorted(inputs)}")
     if spec.output_name not in outputs:
         raise ModelContractError(f"{where}: metadata names output {spec.output_name!r}, graph has {sorted(outputs)}")
+    for kind, name, value in (("input", spec.input_name, inputs.get(spec.input_name)),
+                              ("output", spec.output_name, outputs.get(spec.output_name))):
+        elem = value.type.tensor_type.elem_type
+        if elem != 1:  # onnx.TensorProto.FLOAT: the daemon feeds and reads float32
+            import onnx
+
+            raise ModelContractError(f"{where}: expected a float32 {kind} {name!r}, graph {kind} is "
+                                     f"{onnx.TensorProto.DataType.Name(elem).lower()}")
     dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[spec.input_name].type.tensor_type.shape.dim]
     expected = [None, 3, *spec.input_size_hw]
     if len(dims) != 4 or any(d is not None and e is not None and d != e for d, e in zip(dims[1:], expected[1:])):

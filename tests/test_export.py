@@ -1,0 +1,222 @@
+"""Export: a trained checkpoint becomes a checked, self-describing ONNX age model the daemon runs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agecam.export import checks, faces
+from agecam.models.contract import ModelContractError, read_spec
+
+IMG_PX = 64  # small input keeps CPU training and export fast; the graph is the full ResNet50
+
+
+# ---- fixtures (session-wide: training and each export run once) ------------------------------------------------
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint, data folder): a small UTKFace-like set, trained for a few steps at 64 px on the CPU."""
+    from agecam.training.synth import make_utkface_like
+    from agecam.training.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("export_train")
+    data = root / "utk"
+    make_utkface_like(data, n=48, seed=3, anomalies=False)
+    result = train(TrainConfig(data=str(data), out=str(root / "run"), epochs=1, batch_size=8, img_size=IMG_PX,
+                               device="cpu", workers=0, max_steps_per_epoch=3, progress=False, amp="off"))
+    return Path(result["best"]), data
+
+
+_EXPORTS: dict[str, tuple[Path, str]] = {}
+
+
+def _export(precision: str, trained_checkpoint, tmp_path_factory, capsys=None) -> tuple[Path, str]:
+    """Export once per precision per session; returns (path, the command's printed lines)."""
+    from agecam.export.pipeline import export_checkpoint
+
+    if precision not in _EXPORTS:
+        ckpt, data = trained_checkpoint
+        out = tmp_path_factory.mktemp(f"export_{precision}") / f"age_{precision}.onnx"
+        lines: list[str] = []
+        export_checkpoint(ckpt, out, precision, eval_data=data, calib_data=data, log=lines.append)
+        _EXPORTS[precision] = (out, "\n".join(lines))
+    return _EXPORTS[precision]
+
+
+@pytest.fixture(scope="session")
+def exported_model(tmp_path_factory, trained_checkpoint) -> Path:
+    """Path to an fp32 ONNX age model exported from a freshly trained checkpoint (reusable by other tests:
+    `from tests.test_export import exported_model, trained_checkpoint`)."""
+    return _export("fp32", trained_checkpoint, tmp_path_factory)[0]
+
+
+# ---- export, parity, variants -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("precision, tolerance_years", [("fp32", 0.05), ("fp16", 0.5), ("int8", 3.0)])
+def test_export_matches_pytorch_on_real_faces(precision, tolerance_years, trained_checkpoint, tmp_path_factory):
+    # given a checkpoint trained for a few steps
+    from agecam.export.onnx_export import load_checkpoint, torch_probabilities
+
+    ckpt_path, _ = trained_checkpoint
+    # when it is exported at this precision
+    path, printed = _export(precision, trained_checkpoint, tmp_path_factory)
+    # then the file carries the contract of the checkpoint
+    spec = read_spec(path)
+    model, ckpt = load_checkpoint(ckpt_path)
+    assert spec.input_size_hw == (IMG_PX, IMG_PX), f"input size {spec.input_size_hw}, checkpoint trained at {IMG_PX}"
+    assert spec.bins_years == tuple(ckpt["bins_years"]), "bins in metadata differ from the checkpoint's"
+    assert spec.mean == tuple(ckpt["mean"]) and spec.std == tuple(ckpt["std"]), "mean/std differ from checkpoint"
+    assert spec.output_kind == "probabilities" and spec.input_name == "images" and spec.output_name == "probabilities"
+    assert spec.extra["precision"] == precision, f"metadata precision {spec.extra.get('precision')}"
+    assert json.loads(spec.extra["training_data"])["name"] == "UTKFace", "training data missing from metadata"
+    assert "val_mae" in json.loads(spec.extra["metrics"]), f"metrics missing: {spec.extra.get('metrics')}"
+    # and onnxruntime agrees with PyTorch on real faces (recomputed here, not read from the report)
+    face_set = faces.packaged_faces()
+    batch = faces.preprocess(face_set.images, spec)
+    ort_probs = checks.run_session(checks.ort_session(path), batch)
+    ref = torch_probabilities(model, batch)
+    p = checks.parity(ref, ort_probs, spec.bins_years, face_set.names)
+    assert p.max_age_diff_years <= tolerance_years, f"{precision}: {p}"
+    np.testing.assert_allclose(ort_probs.sum(1), 1.0, atol=1e-3, err_msg="output rows are not distributions")
+    # and a dynamic batch: one face alone gives the same answer as in the batch
+    single = checks.run_session(checks.ort_session(path), batch[3:4])
+    assert np.abs(single - ort_probs[3:4]).max() < 1e-4, "batch of 1 differs from the same face in a batch of 8"
+    # and the command printed its figures (parity and, for variants, the held-out MAE change against fp32)
+    assert "largest age difference" in printed, printed
+    assert "held-out MAE" in printed, printed
+    if precision != "fp32":
+        assert "change" in printed and "fp32" in printed, printed
+        held = json.loads(spec.extra["export"])["heldout"]
+        assert held["labelled"] and "mae_change_vs_fp32_years" in held, f"held-out figures missing: {held}"
+
+
+def test_export_refuses_disagreement_and_leaves_no_file(trained_checkpoint, tmp_path, capsys):
+    # given a tolerance no fp16 conversion can meet
+    import argparse
+
+    from agecam.export import cli
+
+    ckpt, _ = trained_checkpoint
+    out = tmp_path / "strict.onnx"
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    args = parser.parse_args(["export", "--checkpoint", str(ckpt), "--out", str(out), "--precision", "fp16",
+                              "--tolerance-years", "0"])
+    # when the command runs
+    rc = args.func(args)
+    # then it refuses with a clear message and leaves neither the output nor its work files
+    err = capsys.readouterr().err
+    assert rc == 2, f"expected exit code 2 for a refused export, got {rc}; stderr: {err}"
+    assert "refused" in err and "largest age difference" in err and "allowed 0.0 years" in err, err
+    assert not out.exists(), "a refused export left its output file"
+    assert list(tmp_path.iterdir()) == [], f"work files left behind: {list(tmp_path.iterdir())}"
+
+
+def test_preprocessing_matches_training(trained_checkpoint):
+    # given the training's own preprocessing of image files (what evaluation feeds the model)
+    from agecam.export.onnx_export import spec_from_checkpoint
+    from agecam.training.data import preprocessed_batches
+    from agecam.training.model import load_checkpoint
+
+    ckpt_path, data = trained_checkpoint
+    _, ckpt = load_checkpoint(ckpt_path)
+    paths = sorted(data.glob("*.jpg"))[:4]
+    # when the export's checks preprocess the same files
+    ours = faces.preprocess(faces.folder_faces(data, [p.name for p in paths]).images, spec_from_checkpoint(ckpt))
+    theirs = np.concatenate([b.numpy() for b in preprocessed_batches(ckpt, paths)])
+    # then both give the same tensors
+    assert np.abs(ours - theirs).max() < 1e-4, "export parity inputs differ from the training's preprocessing"
+
+
+def test_packaged_faces_are_real_face_crops():
+    # given the sample images installed with insightface and scikit-image / when cropped / then 8 square faces
+    fs = faces.packaged_faces()
+    assert len(fs) == 8, f"expected 8 packaged faces, found {len(fs)}: {fs.names}"
+    assert all(im.ndim == 3 and im.shape[0] == im.shape[1] >= 90 for im in fs.images), [im.shape for im in fs.images]
+
+
+# ---- contract refusals -------------------------------------------------------------------------------------------
+
+def _md_set(key, value):
+    def edit(m):
+        for p in m.metadata_props:
+            if p.key == key:
+                p.value = value
+    return edit
+
+
+def _md_drop(prefix):
+    def edit(m):
+        keep = [(p.key, p.value) for p in m.metadata_props if not p.key.startswith(prefix)]
+        del m.metadata_props[:]
+        for k, v in keep:
+            q = m.metadata_props.add()
+            q.key, q.value = k, v
+    return edit
+
+
+def _input_fp16(m):
+    m.graph.input[0].type.tensor_type.elem_type = 10  # FLOAT16
+
+
+@pytest.mark.parametrize("case, edit, expected_words", [
+    ("no metadata", _md_drop("agecam."), ["expected metadata_props 'agecam.contract'", "found None"]),
+    ("no bins", _md_drop("agecam.bins_years"), ["missing agecam.bins_years"]),
+    ("bins vs output width", _md_set("agecam.bins_years", json.dumps(list(range(1, 100)))),
+     ["lists 99 age bins", "graph output shape is [None, 100]"]),
+    ("input size", _md_set("agecam.input_size_hw", "[224, 224]"),
+     ["metadata says input [N, 3, 224, 224]", f"graph input is [None, 3, {IMG_PX}, {IMG_PX}]"]),
+    ("input name", _md_set("agecam.input_name", "input.1"), ["metadata names input 'input.1'", "['images']"]),
+    ("mean count", _md_set("agecam.mean", "[120.0, 110.0]"), ["mean and std must have 3 values"]),
+    ("colour order", _md_set("agecam.color_order", "RGBA"), ["color_order must be 'RGB' or 'BGR'", "'RGBA'"]),
+    ("input dtype", _input_fp16, ["expected a float32 input 'images'", "float16"]),
+])
+def test_contradictory_or_missing_metadata_is_refused(case, edit, expected_words, exported_model, tmp_path):
+    # given an exported model whose metadata or graph was altered
+    import onnx
+
+    from agecam.config import RuntimeConfig
+    from agecam.daemon.age import AgeModel
+
+    m = onnx.load(str(exported_model))
+    edit(m)
+    bad = tmp_path / "bad.onnx"
+    onnx.save(m, str(bad))
+    # when the contract is read, and when the daemon's age stage starts on it
+    for attempt in (lambda: read_spec(bad), lambda: AgeModel(bad, RuntimeConfig(providers=["CPUExecutionProvider"]))):
+        with pytest.raises(ModelContractError) as exc:
+            attempt()
+        # then it is refused, saying what was expected and what was found
+        for words in expected_words:
+            assert words in str(exc.value), f"{case}: message lacks {words!r}: {exc.value}"
+
+
+# ---- the daemon runs the exported files ----------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_daemon_age_model_runs_exported_file(precision, trained_checkpoint, tmp_path_factory):
+    # given an exported model and real face chips at its input size
+    import cv2
+
+    from agecam.config import RuntimeConfig
+    from agecam.daemon.age import AgeModel
+
+    path, _ = _export(precision, trained_checkpoint, tmp_path_factory)
+    spec = read_spec(path)
+    h, w = spec.input_size_hw
+    chips = np.stack([cv2.resize(im, (w, h), interpolation=cv2.INTER_AREA) for im in faces.packaged_faces().images])
+    # when the daemon's age stage loads the file and predicts
+    age = AgeModel(path, RuntimeConfig(providers=["CPUExecutionProvider"], intra_op_threads=1))
+    probs = age.predict(chips)
+    years = age.expected_years(probs)
+    # then its ages are the ones onnxruntime gives directly for the same chips
+    direct = checks.run_session(checks.ort_session(path), faces.preprocess(list(chips), spec))
+    direct_years = checks.expected_age_years(direct, spec.bins_years)
+    assert probs.shape == (len(chips), len(spec.bins_years)), f"output shape {probs.shape}"
+    # (the daemon normalises with x * (1/std), the check with x / std: float rounding that fp16/int8 amplify)
+    tol = {"fp32": 1e-3, "fp16": 0.02, "int8": 0.05}[precision]
+    assert np.abs(years - direct_years).max() < tol, f"daemon ages {years} differ from ORT direct {direct_years}"
+    assert np.all((years >= spec.bins_years[0]) & (years <= spec.bins_years[-1])), f"ages out of bin range: {years}"
