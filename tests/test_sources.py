@@ -57,8 +57,10 @@ class ScriptedReader:
     """A source that yields grey frames at frame_interval_s; after `fail_after` frames it returns None, or blocks
     (until `release` is set) when `block_after` is reached."""
 
-    def __init__(self, frame_interval_s=0.02, fail_after=None, block_after=None, release=None, raise_after=None):
+    def __init__(self, frame_interval_s=0.02, fail_after=None, block_after=None, release=None, raise_after=None,
+                 late_s=None, base=0):
         self.frame_interval_s = frame_interval_s
+        self.late_s, self.base = late_s, base
         self.fail_after, self.block_after, self.raise_after = fail_after, block_after, raise_after
         self.release = release or threading.Event()
         self.n = 0
@@ -70,10 +72,12 @@ class ScriptedReader:
         if self.raise_after is not None and self.n >= self.raise_after:
             raise RuntimeError("kaboom in read")
         if self.block_after is not None and self.n >= self.block_after:
-            self.release.wait()  # a stuck network read
-            return None
+            if self.late_s is None:
+                self.release.wait()  # a stuck network read
+                return None
+            self.release.wait(self.late_s)  # a read that returns a (stale) frame only after a long stall
         self.n += 1
-        return np.full((8, 8, 3), self.n % 256, np.uint8)
+        return np.full((8, 8, 3), (self.base + self.n) % 256, np.uint8)
 
     def close(self):
         self.closed = True
@@ -220,9 +224,10 @@ def test_backoff_doubles_up_to_the_cap_and_resets_after_frames(run_capture):
     assert cap.reconnects == failures + 1
 
 
-@pytest.mark.parametrize("where", ["read", "open"])
+@pytest.mark.parametrize("where", ["read", "late read", "open"])
 def test_a_stalled_source_trips_the_watchdog_and_is_reopened(run_capture, where):
-    # given a source that blocks forever inside read (after 3 frames) or inside open
+    # given a source that blocks inside read after 3 frames (forever, or returning a stale frame after 0.5 s),
+    # or blocks forever inside open
     release = threading.Event()
     opens = []
 
@@ -231,7 +236,8 @@ def test_a_stalled_source_trips_the_watchdog_and_is_reopened(run_capture, where)
         if len(opens) == 1:
             if where == "open":
                 release.wait()
-            return ScriptedReader(block_after=3, release=release)
+            return ScriptedReader(block_after=3, release=release, late_s=0.33 if where == "late read" else None,
+                                  base=100)
         return ScriptedReader()
 
     try:
@@ -239,13 +245,15 @@ def test_a_stalled_source_trips_the_watchdog_and_is_reopened(run_capture, where)
         # when the watchdog notices
         _, _, reason = statuses.wait_for("offline", 5)
         # then the reason says what happened and a new reader is opened and delivers
-        want = "no frame for 0.3 s" if where == "read" else "open timed out after 0.3 s"
+        want = "open timed out after 0.3 s" if where == "open" else "no frame for 0.3 s"
         assert reason == want, f"reason {reason!r}, expected {want!r}"
-        statuses.wait_for("online", 5, nth=2 if where == "read" else 1)
+        statuses.wait_for("online", 5, nth=1 if where == "open" else 2)
         assert len(opens) == 2, f"expected exactly one reopen, got {len(opens)} opens"
         gap = opens[1] - opens[0]
-        limit = (3 * 0.02 + 0.3 if where == "read" else 0.6) + 0.05 + 0.3
+        limit = (0.6 if where == "open" else 3 * 0.02 + 0.33) + 0.05 + 0.3
         assert gap < limit, f"reopen took {gap:.2f} s after the stall"
+        stale = [f.frame_id for f in slot.frames if f.image[0, 0, 0] > 103]
+        assert not stale, f"frames returned after the stall were delivered: ids {stale}"
         # and stopping does not wait for the blocked reader
         t0 = time.monotonic()
         stop.set()

@@ -41,6 +41,8 @@ POLL_S = 0.1  # supervisor check interval: watchdog resolution and stop latency 
 MAX_STUCK_READERS = 3  # abandoned readers still blocked in a call; beyond this no new one is opened
 FALL_BEHIND_RESET_S = 1.0  # a paced source that falls this far behind restarts its schedule instead of bursting
 RTSP_CAPTURE_OPTIONS = "rtsp_transport;tcp"
+BACKLOG_FAST_FRACTION = 0.25  # at open, a grab faster than this fraction of a frame interval is a buffered frame
+BACKLOG_MAX_S = 10.0  # ...and at most this many seconds of frames are discarded
 
 StatusFn = Callable[[str, str, str], None]
 OpenFn = Callable[[CameraConfig], Any]
@@ -72,17 +74,43 @@ def source_kind(source: str | int) -> str:
 
 
 class CvReader:
-    """A cv2.VideoCapture as a reader; `finite` readers end at end of stream, `reopen` (loop) restarts them."""
+    """A cv2.VideoCapture as a reader; `finite` readers end at end of stream, `reopen` (loop) restarts them.
+
+    skip_backlog: a network stream delivers the frames that piled up while FFmpeg probed it (~2 s) in one burst;
+    the first read discards frames that arrive without waiting, so the first frame delivered is a live one.
+    """
 
     def __init__(self, cap: cv2.VideoCapture, *, frame_interval_s: float | None, finite: bool,
-                 reopen: Callable[[], cv2.VideoCapture] | None = None):
+                 reopen: Callable[[], cv2.VideoCapture] | None = None, skip_backlog: bool = False):
         self.cap = cap
         self.frame_interval_s = frame_interval_s
         self.finite = finite
         self._reopen = reopen
+        self._skip_backlog = skip_backlog
+        self.backlog_skipped = 0  # stale frames discarded at open
+
+    def _grab_past_backlog(self) -> bool:
+        fps = self.cap.get(cv2.CAP_PROP_FPS)
+        fps = fps if 1.0 <= fps <= 240.0 else 25.0
+        fast_s = BACKLOG_FAST_FRACTION / fps
+        for _ in range(int(fps * BACKLOG_MAX_S)):
+            t0 = time.monotonic()
+            if not self.cap.grab():
+                return False
+            if time.monotonic() - t0 >= fast_s:  # this grab waited for the network: the frame is live
+                break
+            self.backlog_skipped += 1
+        return True
 
     def read(self) -> tuple[np.ndarray, None] | None:
-        ok, image = self.cap.read()
+        if self._skip_backlog:
+            self._skip_backlog = False
+            ok = self._grab_past_backlog()
+            if self.backlog_skipped:
+                log.debug("skipped %d buffered frames after opening the stream", self.backlog_skipped)
+            ok, image = self.cap.retrieve() if ok else (False, None)
+        else:
+            ok, image = self.cap.read()
         if ok and image is not None:
             return image, None
         if self._reopen is not None:  # loop: start the file again
@@ -206,7 +234,7 @@ def open_stream(cam: CameraConfig) -> CvReader:
         cap.release()
         raise SourceError(f"open failed for {secret_free(url)} (wrong path or credentials, unsupported codec, "
                           f"or no answer within {cam.open_timeout_s:g} s)")
-    return CvReader(cap, frame_interval_s=None, finite=False)
+    return CvReader(cap, frame_interval_s=None, finite=False, skip_backlog=True)
 
 
 def open_source(cam: CameraConfig):
@@ -386,7 +414,13 @@ class CaptureThread:
             interval_s = getattr(reader, "frame_interval_s", None)
             next_due: float | None = None
             while not (self.stop_event.is_set() or s.cancel.is_set()):
+                t_read = time.monotonic()
                 got = reader.read()
+                if time.monotonic() - t_read >= self.cam.read_timeout_s:
+                    # a read that outlasted the watchdog returns a stale frame (FFmpeg flushes its decoder after
+                    # its own read timeout): the source stalled, whatever came back
+                    outcome = ("failed", f"no frame for {self.cam.read_timeout_s:g} s")
+                    break
                 if got is None:
                     outcome = ("failed", "read failed")
                     break

@@ -1,0 +1,152 @@
+"""RTSP capture against a real GStreamer RTSP server process: frames flow, server death, restart, auth, bad URLs."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from agecam.config import CameraConfig
+from agecam.daemon.sources import CaptureThread
+from tests.media import RtspServer, make_numbered_mp4, rtsp_server_available
+from tests.test_sources import RecordingSlot, Statuses
+
+pytestmark = pytest.mark.slow
+
+_why_not = rtsp_server_available()
+if _why_not:
+    pytest.skip(_why_not, allow_module_level=True)
+
+FPS = 15.0
+
+
+def rtsp_cam(url: str, **kw) -> CameraConfig:
+    base = dict(name="door", source=url, open_timeout_s=5.0, read_timeout_s=2.0, reconnect_min_s=0.2,
+                reconnect_max_s=1.0)
+    base.update(kw)
+    return CameraConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return make_numbered_mp4(n_frames=15, fps=FPS)  # a 1 s loop: a few seconds of capture cross its end
+
+
+@pytest.fixture
+def capture():
+    started = []
+
+    def start(cfg: CameraConfig):
+        stop, statuses, slot = threading.Event(), Statuses(), RecordingSlot()
+        cap = CaptureThread(cfg, slot, stop, on_status=statuses)
+        cap.start()
+        started.append((cap, stop))
+        return cap, slot, statuses, stop
+
+    yield start
+    for cap, stop in started:
+        stop.set()
+    for cap, _ in started:
+        assert cap.join(3.0), f"{cap.name} did not stop"
+
+
+def frames_after(slot: RecordingSlot, t: float) -> int:
+    return sum(1 for f in slot.frames if f.ts >= t)
+
+
+def test_rtsp_frames_flow_survive_a_server_restart_on_the_same_port(clip, capture):
+    with RtspServer(clip) as server:
+        # given a capture of a looping 1 s clip served over RTSP
+        t0 = time.monotonic()
+        cap, slot, statuses, stop = capture(rtsp_cam(server.url))
+        statuses.wait_for("online", 15)
+        open_s = time.monotonic() - t0
+        # when it runs past several ends of the clip
+        stop.wait(3.0)
+        # then frames keep coming at about the clip's rate and the camera stayed online
+        t_end = time.time()
+        n = frames_after(slot, t_end - 2.0)
+        assert 0.6 * 2 * FPS <= n <= 1.5 * 2 * FPS, f"{n} frames in the last 2 s, expected ~{2 * FPS:.0f}"
+        assert statuses.seq == ["online"], f"transitions {statuses.calls}"
+        assert slot.frames[0].image.shape == (120, 160, 3)
+
+        # when the server dies
+        server.kill()
+        t_kill = time.monotonic()
+        _, _, reason = statuses.wait_for("offline", 10)
+        offline_s = time.monotonic() - t_kill
+        assert reason in ("read failed", "no frame for 2 s"), f"unexpected reason {reason!r}"
+
+        # and comes back on the same port a little later
+        stop.wait(1.0)
+        server.start()
+        t_restart = time.monotonic()
+        statuses.wait_for("online", 15, nth=2)
+        reconnect_s = time.monotonic() - t_restart
+        # then the same capture thread is online again and frames flow
+        stop.wait(1.5)
+        n_after = frames_after(slot, time.time() - 1.0)
+        assert n_after >= 0.6 * FPS, f"only {n_after} frames in the last second after the restart"
+        assert cap.is_alive() and statuses.seq == ["online", "offline", "online"], f"transitions {statuses.calls}"
+        assert cap.reconnects >= 1
+        print(f"\nRTSP measured: first open {open_s:.2f} s, offline {offline_s:.2f} s after the kill "
+              f"({reason}), online {reconnect_s:.2f} s after the restart (server ready in {server.start_s:.2f} s)")
+
+
+def test_rtsp_with_basic_auth(clip, capture):
+    with RtspServer(clip, user="viewer", password="s3cret-pw") as server:
+        # given the right and a wrong password for the same protected stream
+        good, good_slot, good_st, _ = capture(rtsp_cam(server.url, name="good"))
+        bad_url = server.url.replace("s3cret-pw", "wrong-pw")
+        bad, _, bad_st, _ = capture(rtsp_cam(bad_url, name="bad"))
+        # then the right one streams and the wrong one is offline with a reason that names no password
+        good_st.wait_for("online", 15)
+        _, _, reason = bad_st.wait_for("offline", 15)
+        assert "wrong-pw" not in reason and "s3cret" not in reason, f"password in reason {reason!r}"
+        assert f"127.0.0.1:{server.port}/cam" in reason, f"reason should name the stream: {reason!r}"
+        assert bad_st.seq == ["offline"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_rtsp_url_is_offline_with_a_clear_secret_free_reason(capture):
+    # given an RTSP URL with a password where nothing listens
+    port = free_port()
+    cap, _, statuses, _ = capture(rtsp_cam(f"rtsp://admin:topsecret@127.0.0.1:{port}/live", open_timeout_s=2.0))
+    # then it is offline quickly, says why, never shows the password, and keeps retrying
+    _, _, reason = statuses.wait_for("offline", 5)
+    assert reason == f"cannot connect to 127.0.0.1:{port}: Connection refused", f"reason {reason!r}"
+    deadline = time.monotonic() + 5
+    while cap.reconnects < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cap.reconnects >= 2, "an unreachable camera should be retried"
+    assert "topsecret" not in repr(statuses.calls)
+
+
+def test_a_frozen_rtsp_server_trips_the_watchdog_and_recovers(capture):
+    import signal
+
+    with RtspServer(None) as server:  # live videotestsrc, encoded by x264 as it plays
+        # given a live RTSP stream that is online
+        cap, slot, statuses, stop = capture(rtsp_cam(server.url, read_timeout_s=1.5))
+        statuses.wait_for("online", 15)
+        # when the server freezes (the TCP connection stays open, nothing arrives)
+        server.proc.send_signal(signal.SIGSTOP)
+        t_freeze = time.monotonic()
+        try:
+            _, _, reason = statuses.wait_for("offline", 10)
+            offline_s = time.monotonic() - t_freeze
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        # then the camera is offline within about read_timeout_s and comes back once the server thaws
+        assert reason in ("read failed", "no frame for 1.5 s"), f"unexpected reason {reason!r}"
+        assert offline_s < 1.5 + 1.0, f"offline only {offline_s:.2f} s after the freeze"
+        statuses.wait_for("online", 15, nth=2)
+        n_before = len(slot.frames)
+        stop.wait(1.0)
+        assert len(slot.frames) - n_before >= 5, "frames should flow again after the thaw"
