@@ -156,6 +156,27 @@ def test_unit_exposure_is_at_most_two(tmp_path):
     assert "Unknown key" not in text and "ignoring" not in text, f"systemd ignored part of the unit:\n{text}"
 
 
+@needs_analyze
+@pytest.mark.parametrize("drop_in, applied_marker", [
+    ("gpu.conf", "char-nvidia-frontend:rw"),
+    ("static-user.conf", "static non-root user"),
+])
+def test_drop_in_verifies_and_stays_within_the_exposure_limit(tmp_path, drop_in, applied_marker):
+    # given the unit with a drop-in from systemd/ beside it
+    unit = _unit_for_verify(tmp_path)
+    (tmp_path / "agecam.service.d").mkdir()
+    shutil.copy(REPO / "systemd" / drop_in, tmp_path / "agecam.service.d" / drop_in)
+    # when verified and scored
+    verify = subprocess.run(["systemd-analyze", "verify", unit.name], capture_output=True, text=True, cwd=tmp_path)
+    sec = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager", unit.name],
+                         capture_output=True, text=True, cwd=tmp_path).stdout
+    # then it is clean, the drop-in was applied, and the exposure is still 2.0 or lower
+    assert verify.returncode == 0 and not (verify.stdout + verify.stderr).strip(), verify.stdout + verify.stderr
+    assert applied_marker in sec, f"{drop_in} not applied:\n{sec}"
+    score = float(re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", sec).group(1))
+    assert score <= MAX_EXPOSURE, f"exposure with {drop_in} is {score} > {MAX_EXPOSURE}"
+
+
 def test_unit_has_the_operational_settings():
     # given the unit's text, when read, then the service-manager contract is there
     text = UNIT.read_text()
