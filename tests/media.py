@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import atexit
-import hashlib
 import os
 import shutil
 import signal

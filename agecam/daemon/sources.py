@@ -350,8 +350,8 @@ class CaptureThread:
             if got_frames:
                 delay_s = cfg.reconnect_min_s  # the source worked: start the backoff again
             self._set_status("offline", reason)
-            log.debug("camera %s: attempt %d failed (%s); retrying in %.2f s", cfg.name, attempts,
-                      secret_free(reason), delay_s)
+            log.debug("camera %s (%s): attempt %d failed (%s); retrying in %.2f s", cfg.name, self._source_text,
+                      attempts, secret_free(reason), delay_s)
             self.last_delay_s = delay_s
             if self.stop_event.wait(delay_s):
                 break
