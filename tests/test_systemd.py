@@ -377,3 +377,61 @@ def test_watchdog_treats_a_raising_health_check_as_unhealthy(notify_socket):
 def test_watchdog_pinger_does_nothing_without_a_watchdog():
     # given no WATCHDOG_USEC, when started, then no thread runs
     assert WatchdogPinger(Notifier({}), lambda: True, threading.Event()).start() is False
+
+
+# ---------------------------------------------------------------- logs for journald
+
+def _log_through(fmt: str, stream, *records: tuple[int, str, tuple]) -> None:
+    from agecam.logs import setup_logging
+
+    handler = setup_logging("DEBUG", fmt, stream)
+    log = logging.getLogger("agecam.test")
+    try:
+        for level, msg, args in records:
+            log.log(level, msg, *args, exc_info=level >= logging.ERROR and sys.exc_info()[0] is not None)
+    finally:
+        logging.getLogger().removeHandler(handler)
+
+
+def test_journal_format_has_priorities_and_no_timestamp(tmp_path, monkeypatch):
+    # given stderr connected to the journal (JOURNAL_STREAM names the stream's device:inode)
+    path = tmp_path / "journal"
+    with open(path, "w") as stream:
+        st = os.fstat(stream.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+        # when lines of several levels are logged
+        _log_through("text", stream, (logging.ERROR, "camera %s offline", ("lobby",)),
+                     (logging.INFO, "two\nlines", ()), (logging.DEBUG, "detail", ()))
+    lines = path.read_text().splitlines()
+    # then each carries its syslog priority and no timestamp (journald adds its own)
+    assert lines[0] == "<3>agecam.test [MainThread] camera lobby offline", lines
+    assert lines[1:3] == ["<6>agecam.test [MainThread] two", "<6>lines"], lines
+    assert lines[3].startswith("<7>"), lines
+    assert not re.search(r"\d{4}-\d\d-\d\d", path.read_text()), "journal lines should not repeat the time"
+
+
+def test_json_lines_are_one_object_per_record_and_secrets_are_scrubbed(tmp_path):
+    # given the JSON format, a registered secret and an RTSP URL with a password
+    from agecam.logs import add_secret
+
+    add_secret("preview-token-xyz")
+    path = tmp_path / "log.jsonl"
+    with open(path, "w") as stream:
+        # when lines carrying them are logged, one with an exception
+        _log_through("json", stream,
+                     (logging.WARNING, "reconnecting %s", ("rtsp://admin:hunter2@10.1.2.3/stream?token=abc",)),
+                     (logging.INFO, "viewer used %s", ("preview-token-xyz",)))
+        try:
+            raise ValueError("open rtsp://u:pw@cam/x failed")
+        except ValueError:
+            _log_through("json", stream, (logging.ERROR, "capture crashed", ()))
+    import json
+    objs = [json.loads(line) for line in path.read_text().splitlines()]
+    # then each line is an object with the fields, and no secret survives anywhere
+    assert [o["level"] for o in objs] == ["WARNING", "INFO", "ERROR"], objs
+    assert objs[0]["msg"] == "reconnecting rtsp://***@10.1.2.3/stream?token=***", objs[0]
+    assert objs[1]["msg"] == "viewer used ***", objs[1]
+    assert "rtsp://***@cam/x" in objs[2]["exc"], objs[2]
+    text = path.read_text()
+    for secret in ("hunter2", "abc", "preview-token-xyz", "pw@"):
+        assert secret not in text, f"{secret!r} leaked into the log"
