@@ -1,0 +1,62 @@
+"""The whole daemon on a real RTSP server: faces tracked, server killed and restarted, camera comes back by itself."""
+import json
+import socket
+import time
+
+import pytest
+
+from agecam.config import parse
+from agecam.daemon.app import App
+from tests.media import RtspServer, make_demo_mp4, rtsp_server_available
+from tests.test_daemon_e2e import Subscriber, free_port
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def rtsp_ready():
+    why = rtsp_server_available()
+    if why:
+        pytest.fail(f"the RTSP test server cannot run: {why}")  # CI installs it (make system-deps): never skip
+
+
+def test_rtsp_camera_survives_server_restart(rtsp_ready, models_dir):
+    # given a real RTSP server with a password, serving the demo scene, and the daemon reading it
+    server = RtspServer(make_demo_mp4(seconds=12.0), user="viewer", password="pa55word").start()
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    cfg = parse({
+        "cameras": [{"name": "door", "source": server.url, "open_timeout_s": 5, "read_timeout_s": 2,
+                     "reconnect_min_s": 0.5, "reconnect_max_s": 2}],
+        "events": {"bind": endpoint}, "metrics": {"bind": None}, "preview": {"bind": None},
+        "runtime": {"models_dir": str(models_dir)},
+    })
+    sub = Subscriber(endpoint)
+    app = App(cfg)
+    app.start()
+    try:
+        # then frames flow and faces are tracked
+        assert sub.wait_for(lambda e: e["type"] == "track.start", 60), "no track.start from the RTSP camera"
+        # when the server dies
+        server.kill()
+        assert sub.wait_for(lambda e: e.get("status") == "offline", 20), "no camera.status offline after the kill"
+        n_before = len(sub.events)
+        # and comes back on the same port
+        server.start()
+        t0 = time.monotonic()
+        assert sub.wait_for(lambda e: e.get("status") == "online" and e["seq"] > sub.events[n_before - 1]["seq"], 30), \
+            "camera did not come back online after the server restarted"
+        reconnect_s = time.monotonic() - t0
+        assert sub.wait_for(lambda e: e["type"] == "track.start" and e["seq"] > sub.events[n_before - 1]["seq"], 60), \
+            "no new track after the reconnect"
+        print(f"reconnected {reconnect_s:.1f} s after the server restarted")
+    finally:
+        stuck = app.stop()
+        server.stop()
+        sub.close()
+    assert not stuck, f"threads did not stop: {stuck}"
+    statuses = [e["status"] for e in sub.events if e["type"] == "camera.status"]
+    assert statuses[:1] == ["online"] and "offline" in statuses and statuses.count("online") >= 2, statuses
+    offline = [e["reason"] for e in sub.events if e.get("status") == "offline"]
+    assert all(r for r in offline), f"offline without a reason: {offline}"
+    assert "pa55word" not in json.dumps(sub.events), "the RTSP password leaked into events"
+    assert app.cameras["door"].reconnects >= 1
