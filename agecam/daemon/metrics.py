@@ -70,7 +70,7 @@ class Metrics:
         self.events_dropped_total = Counter(
             "agecam_events_dropped_total", "Events not published: queue_full = internal queue full, hwm = ZeroMQ high-water mark.", ["reason"], registry=r)
         self.reconnects_total = Counter(
-            "agecam_reconnects_total", "Attempts to reopen a source after it failed or went silent.", ["camera"], registry=r)
+            "agecam_reconnects_total", "Times a camera came back online after it failed or went silent.", ["camera"], registry=r)
         self.camera_up = Gauge(
             "agecam_camera_up", "1 while the camera delivers frames, 0 while it is offline or ended.", ["camera"], registry=r)
         self.frame_to_event_seconds = Histogram(
