@@ -84,8 +84,9 @@ class App:
         self._set_info(m)
         if cfg.metrics.bind:
             self._servers.append(m.serve(cfg.metrics.bind))
-        def on_sent(ev: dict) -> None:
+        def on_sent(ev: dict, send_s: float) -> None:
             m.events_published_total.labels(type=ev["type"]).inc()
+            m.stage_duration_seconds.labels(stage="publish").observe(send_s)
             if ev["type"] != "camera.status":
                 m.frame_to_event_seconds.observe(max(0.0, time.time() - ev["ts"]))
 
@@ -96,7 +97,7 @@ class App:
         if cfg.preview.bind:
             from agecam.daemon.preview import PreviewHub, PreviewServer
 
-            self.hub = PreviewHub(list(self.cameras), cfg.preview.jpeg_quality, cfg.preview.max_fps)
+            self.hub = PreviewHub(list(self.cameras), cfg.preview.jpeg_quality, cfg.preview.max_fps, metrics=m)
             server = PreviewServer(cfg.preview, self.hub, self.health)
             server.start()
             self._servers.append(server)

@@ -123,6 +123,8 @@ class CameraPipeline:
     def process(self, frame: Frame) -> None:
         """Run every stage on one frame (called by the thread; callable directly in tests)."""
         m = self.metrics
+        if m:
+            m.stage_duration_seconds.labels(stage="wait").observe(max(0.0, time.time() - frame.ts))
         t0 = time.perf_counter()
         dets = self._detect(frame)
         t1 = time.perf_counter()

@@ -19,12 +19,12 @@ class Publisher:
     """Owns the PUB socket; pipelines call submit() (non-blocking), the `publish` thread sends."""
 
     def __init__(self, cfg: EventsConfig, stop: threading.Event,
-                 on_sent: Callable[[dict], None] | None = None,
+                 on_sent: Callable[[dict, float], None] | None = None,
                  on_drop: Callable[[str], None] | None = None):
         self.cfg = cfg
         self._stop = stop
         self._queue: queue.Queue[dict] = queue.Queue(maxsize=cfg.queue_size)
-        self._on_sent = on_sent or (lambda ev: None)
+        self._on_sent = on_sent or (lambda ev, send_s: None)
         self._on_drop = on_drop or (lambda reason: None)
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.PUB)
@@ -60,8 +60,9 @@ class Publisher:
 
     def _send(self, event: dict) -> None:
         try:
+            t0 = time.perf_counter()
             self._sock.send_multipart(encode(event), flags=zmq.NOBLOCK)
-            self._on_sent(event)
+            self._on_sent(event, time.perf_counter() - t0)
         except zmq.Again:  # high-water mark reached for every peer
             self.dropped += 1
             self._on_drop("hwm")
