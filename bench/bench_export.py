@@ -66,15 +66,25 @@ def bench_cpu(args) -> dict:
     chips_all = [cv2.resize(im, (w, h), interpolation=cv2.INTER_AREA) for im in face_set.images]
     results: dict = {"img_px": args.img_px, "threads": args.threads, "export_s": round(t_export, 2),
                      "quantise_s": round(t_quant, 2), "throughput": {}, "daemon_overhead": {}}
-    print(f"{'precision':>9} {'batch':>5} {'img/s':>8} {'ms/batch':>9}")
-    for precision, path in paths.items():
-        sess = checks.ort_session(path, threads=args.threads)
-        for b in args.batches:
-            x = faces.preprocess([chips_all[i % len(chips_all)] for i in range(b)], spec)
-            d = _time_calls(lambda: sess.run(None, {"images": x}), args.seconds)
+    sessions = {p: checks.ort_session(path, threads=args.threads) for p, path in paths.items()}
+    print(f"{'batch':>5} " + " ".join(f"{p + ' img/s':>11} {p + ' ms':>9}" for p in sessions) + "  (interleaved)")
+    for b in args.batches:
+        x = faces.preprocess([chips_all[i % len(chips_all)] for i in range(b)], spec)
+        durations = {p: [] for p in sessions}
+        for sess in sessions.values():
+            sess.run(None, {"images": x})  # warm-up
+        t_end = time.perf_counter() + args.seconds * len(sessions)
+        while min(len(d) for d in durations.values()) < 3 or time.perf_counter() < t_end:
+            for p, sess in sessions.items():  # alternate, so every precision sees the same machine load
+                t0 = time.perf_counter()
+                sess.run(None, {"images": x})
+                durations[p].append(time.perf_counter() - t0)
+        cells = []
+        for p, d in durations.items():
             med = statistics.median(d)
-            results["throughput"][f"{precision}/b{b}"] = round(b / med, 2)
-            print(f"{precision:>9} {b:>5} {b / med:>8.1f} {med * 1e3:>9.1f}")
+            results["throughput"][f"{p}/b{b}"] = round(b / med, 2)
+            cells.append(f"{b / med:>11.1f} {med * 1e3:>9.1f}")
+        print(f"{b:>5} " + " ".join(cells))
 
     # the daemon's age stage (uint8 chips -> preprocess -> run -> normalise) against the raw session on a ready tensor
     age = AgeModel(paths["fp32"], RuntimeConfig(providers=["CPUExecutionProvider"], intra_op_threads=args.threads))
