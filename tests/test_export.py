@@ -94,24 +94,30 @@ def test_export_matches_pytorch_on_real_faces(precision, tolerance_years, traine
 
 def test_export_refuses_disagreement_and_leaves_no_file(trained_checkpoint, tmp_path, capsys):
     # given a tolerance no fp16 conversion can meet
-    import argparse
-
-    from agecam.export import cli
+    from agecam.cli import main
 
     ckpt, _ = trained_checkpoint
     out = tmp_path / "strict.onnx"
-    parser = argparse.ArgumentParser()
-    cli.register(parser.add_subparsers())
-    args = parser.parse_args(["export", "--checkpoint", str(ckpt), "--out", str(out), "--precision", "fp16",
-                              "--tolerance-years", "0"])
-    # when the command runs
-    rc = args.func(args)
+    # when `agecam export` runs
+    rc = main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--precision", "fp16", "--tolerance-years", "0"])
     # then it refuses with a clear message and leaves neither the output nor its work files
     err = capsys.readouterr().err
     assert rc == 2, f"expected exit code 2 for a refused export, got {rc}; stderr: {err}"
     assert "refused" in err and "largest age difference" in err and "allowed 0.0 years" in err, err
     assert not out.exists(), "a refused export left its output file"
     assert list(tmp_path.iterdir()) == [], f"work files left behind: {list(tmp_path.iterdir())}"
+
+
+def test_cli_registration_does_not_import_torch():
+    # given a fresh interpreter / when the full `agecam` parser is built / then torch is not loaded
+    import subprocess
+    import sys
+
+    code = "import sys; from agecam.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False", "building the CLI parser imported torch (register() must not)"
 
 
 def test_preprocessing_matches_training(trained_checkpoint):
