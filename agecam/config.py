@@ -101,9 +101,10 @@ class AgeConfig(_Section):
     """Age model and how often tracks are sampled."""
 
     model: Path | None = Field(None, description="Age model ONNX following the agecam contract; None uses the fetched reference model.")
-    landmarks: Literal["detector", "dlib5"] = Field(
-        "dlib5",
-        description="Where chip landmarks come from: dlib's 5-point predictor in the detector's box (reproduces the "
+    landmarks: Literal["auto", "detector", "dlib5"] = Field(
+        "auto",
+        description="Where chip landmarks come from. auto: dlib5 when the model carries a dlib chip template (the "
+        "reference model does), else the detector's. dlib5: dlib's 5-point predictor in the detector's box (reproduces the "
         "reference model's training chips: within ~1 year of its own pipeline; needs dlib, ~1-3 ms per face), or the "
         "detector's 5 points (no dlib; ~2.3 years from the reference pipeline on the sample faces).",
     )

@@ -56,7 +56,7 @@ class AgeModel:
         """`models` (agecam.models.fetch.DefaultModels) supplies the dlib predictor path for landmarks='dlib5'."""
         import onnxruntime as ort
 
-        landmarks = landmarks or (age_cfg.landmarks if age_cfg is not None else "detector")
+        landmarks = landmarks or (age_cfg.landmarks if age_cfg is not None else "auto")
         if dlib_predictor is None and models is not None:
             dlib_predictor = getattr(models, "shape5", None)
 
@@ -72,6 +72,8 @@ class AgeModel:
         self._mean = np.asarray(s.mean, np.float32).reshape(1, 3, 1, 1)
         self._inv_std = (1.0 / np.asarray(s.std, np.float32)).reshape(1, 3, 1, 1)
         self._bgr_to_model = s.color_order == "RGB"
+        if landmarks == "auto":  # the model says which chips it was trained on
+            landmarks = "dlib5" if s.extra.get("chip_dlib5") else "detector"
         self.landmarks = landmarks
         self._template = np.asarray(s.chip.template_unit, np.float64)
         self._sp = None
@@ -79,7 +81,7 @@ class AgeModel:
         if landmarks == "dlib5":
             self._init_dlib5(dlib_predictor or runtime.models_dir / DLIB5_PREDICTOR_RELPATH)
         elif landmarks != "detector":
-            raise ValueError(f"landmarks must be 'detector' or 'dlib5', found {landmarks!r}")
+            raise ValueError(f"landmarks must be 'auto', 'detector' or 'dlib5', found {landmarks!r}")
 
     @classmethod
     def from_config(cls, cfg: AgeConfig, runtime: RuntimeConfig) -> "AgeModel":

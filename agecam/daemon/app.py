@@ -61,7 +61,7 @@ class App:
 
         cfg = self.cfg
         need_defaults = (self._detector is None and cfg.detector.kind == "mtcnn" and cfg.detector.model is None) or (
-            self._age_model is None and cfg.age.model is None) or cfg.age.landmarks == "dlib5"
+            self._age_model is None and cfg.age.model is None) or cfg.age.landmarks != "detector"
         models = ensure_models(cfg.runtime.models_dir) if need_defaults else None
         if self._detector is None:
             self._detector = build_detector(cfg.detector, cfg.runtime, models)
