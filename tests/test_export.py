@@ -85,7 +85,9 @@ def test_export_matches_pytorch_on_real_faces(precision, tolerance_years, traine
     assert np.abs(single - ort_probs[3:4]).max() < 1e-4, "batch of 1 differs from the same face in a batch of 8"
     # and the command printed its figures (parity and, for variants, the held-out MAE change against fp32)
     assert "largest age difference" in printed, printed
-    assert "held-out MAE" in printed, printed
+    assert "held-out MAE" in printed and "(the checkpoint's test split)" in printed, printed
+    if precision == "int8":
+        assert "(the checkpoint's train split)" in printed, f"int8 not calibrated on the train split: {printed}"
     if precision != "fp32":
         assert "change" in printed and "fp32" in printed, printed
         held = json.loads(spec.extra["export"])["heldout"]
@@ -134,6 +136,30 @@ def test_preprocessing_matches_training(trained_checkpoint):
     theirs = np.concatenate([b.numpy() for b in preprocessed_batches(ckpt, paths)])
     # then both give the same tensors
     assert np.abs(ours - theirs).max() < 1e-4, "export parity inputs differ from the training's preprocessing"
+
+
+@pytest.mark.parametrize("case, change, expected", [
+    ("format", {"format": "other/v0"}, "expected 'agecam.ckpt/v1', found 'other/v0'"),
+    ("no bins", {"bins_years": None}, "checkpoint is missing ['bins_years']"),
+    ("chip points", {"chip": {"kind": "similarity5", "template_unit": [[0.3, 0.3]] * 4}},
+     "chip must be kind 'similarity5' with 5 template points"),
+    ("std count", {"std": [58.0, 57.0]}, "mean and std must have 3 values"),
+])
+def test_checkpoint_without_a_usable_contract_is_refused(case, change, expected):
+    # given a checkpoint dict with one field wrong or missing
+    from agecam.export.onnx_export import spec_from_checkpoint
+    from agecam.training import model as M
+
+    ckpt = {"format": M.CKPT_FORMAT, "arch": M.ARCH, "bins_years": M.BINS_YEARS, "img_size": IMG_PX,
+            "color_order": "RGB", "mean": M.MEAN_PX, "std": M.STD_PX, "model": {},
+            "chip": {"kind": "similarity5", "template_unit": M.CHIP_TEMPLATE_UNIT}}
+    ckpt.update({k: v for k, v in change.items() if v is not None})
+    for k in [k for k, v in change.items() if v is None]:
+        del ckpt[k]
+    # when its contract is built / then it is refused, naming the problem
+    with pytest.raises(ValueError) as exc:
+        spec_from_checkpoint(ckpt)
+    assert expected in str(exc.value), f"{case}: {exc.value}"
 
 
 def test_packaged_faces_are_real_face_crops():
