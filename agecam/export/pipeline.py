@@ -125,7 +125,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, precision: str = 
             candidate = work / "int8.onnx"
             batch, what = _calibration_batch(calib, spec)
             quantize.to_int8(fp32_path, candidate, batch, spec.input_name)
-            log(f"quantised to int8 (QDQ, per-channel, MinMax) calibrated on {what} in {time.perf_counter() - t0:.1f} s")
+            log(f"quantised to int8 (QDQ, per-channel, MinMax; head and softmax kept float) calibrated on {what} "
+                f"in {time.perf_counter() - t0:.1f} s")
         if precision != "fp32":  # converters may drop or keep metadata: write the contract again
             import onnx
 
