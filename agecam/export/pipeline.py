@@ -154,9 +154,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, precision: str = 
         import onnx
 
         final = onnx.load(str(candidate))
-        spec.extra["export"] = json.dumps({"precision": precision, "opset": opset, "exporter": "torch.onnx (dynamo=False)",
-                                           "parity_vs_torch": par.as_dict(), "tolerance_years": tol,
-                                           "heldout": held})
+        spec.extra["export"] = json.dumps({"precision": precision, "opset": opset,
+                                           "exporter": "torch.onnx (dynamo=False)", "parity_vs_torch": par.as_dict(),
+                                           "tolerance_years": tol, "heldout": held})
         write_metadata(final, spec)
         staged = work / "final.onnx"
         onnx.save(final, str(staged))
