@@ -19,7 +19,7 @@ COMMAND_MODULES = (
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser."""
-    parser = argparse.ArgumentParser(prog="agecam", description=__doc__.split(":")[0])
+    parser = argparse.ArgumentParser(prog="agecam", description="Real-time age estimation daemon, with its training and export tools.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
