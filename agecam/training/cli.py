@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -92,6 +93,8 @@ def _train(args: argparse.Namespace) -> int:
     except (WeightsError, FileNotFoundError, ValueError) as exc:
         print(f"agecam train: error: {exc}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     print(f"train: best val MAE {r['best_val_mae']:.3f} years (baseline {r['baseline_val_mae']:.3f}) after "
           f"{r['epochs_done']} epochs -> {r['best']}")
     return 0

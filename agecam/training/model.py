@@ -50,12 +50,13 @@ def build_model(num_classes: int = NUM_CLASSES, weights: str | Path | None = Non
     else:
         model = resnet50(weights=None)
     model.fc = nn.Linear(model.fc.in_features, num_classes)
+    model.head_from_weights = False  # True when a weights file supplied a head of this width
     if weights is not None and str(weights).lower() not in ("", "none", "imagenet"):
-        _load_state_file(model, Path(weights), log)
+        model.head_from_weights = "fc.weight" in _load_state_file(model, Path(weights), log)
     return model
 
 
-def _load_state_file(model: nn.Module, path: Path, log) -> None:
+def _load_state_file(model: nn.Module, path: Path, log) -> set[str]:
     if not path.is_file():
         raise WeightsError(f"--weights {path}: file not found (expected a ResNet50 state dict saved with torch.save)")
     try:
@@ -77,6 +78,7 @@ def _load_state_file(model: nn.Module, path: Path, log) -> None:
     model.load_state_dict(usable, strict=False)
     log(f"weights: {path}: loaded {len(usable)}/{len(own)} tensors"
         + (f"; skipped {skipped}" if skipped else "") + (f"; left at init: {missing}" if missing else ""))
+    return set(usable)
 
 
 def init_head_prior(model: nn.Module, ages_years, num_classes: int = NUM_CLASSES, smooth_years: float = 3.0) -> None:

@@ -57,7 +57,7 @@ def draw_face(age_years: float, gender: int, race: int, rng: np.random.Generator
     hair = np.array(_HAIR_RGB[int(rng.integers(0, len(_HAIR_RGB)))], dtype=np.float64)
     hair = tuple(int(v) for v in (1 - grey) * hair + grey * _WHITE_HAIR_RGB)
     skin = np.array(_SKIN_RGB[race], dtype=np.float64) + rng.normal(0, 6, 3)
-    skin = skin * (1.0 - 0.12 * min(age, 90.0) / 90.0)  # skin dulls a little with age
+    skin = skin * (1.0 - 0.25 * min(age, 90.0) / 90.0)  # skin darkens and dulls with age
     skin = tuple(int(v) for v in np.clip(skin, 0, 255))
     tilt = float(rng.uniform(-6, 6))
 
@@ -83,7 +83,7 @@ def draw_face(age_years: float, gender: int, race: int, rng: np.random.Generator
     top = cy - int(ay * 0.55)
     for k in range(min(n_wrinkles, 9)):
         y = top + 4 * k
-        cv2.line(img, (cx - int(ax * 0.5), y), (cx + int(ax * 0.5), y + int(rng.integers(-2, 3))), dark, 1,
+        cv2.line(img, (cx - int(ax * 0.5), y), (cx + int(ax * 0.5), y + int(rng.integers(-2, 3))), dark, 2,
                  cv2.LINE_AA)
     noise = rng.normal(0, 4, img.shape)
     return np.clip(img + noise, 0, 255).astype(np.uint8)

@@ -248,7 +248,7 @@ def _train(cfg: TrainConfig, dist: Dist, out: Path, log) -> dict:
     net = M.build_model(M.NUM_CLASSES, weights=None if resume_ckpt else cfg.weights, log=log)
     if resume_ckpt is not None:
         net.load_state_dict(resume_ckpt["model"])
-    elif cfg.weights is None or str(cfg.weights).lower() in ("none", "imagenet") or net.fc.bias.abs().max() < 1:
+    elif not net.head_from_weights:
         M.init_head_prior(net, train_ages)
     channels_last = dist.device.type == "cuda"
     net = net.to(dist.device)
