@@ -44,8 +44,8 @@ def build_model(num_classes: int = NUM_CLASSES, weights: str | Path | None = Non
             raise WeightsError(
                 f"could not get torchvision's ImageNet ResNet50 weights ({type(exc).__name__}: {exc}). They are "
                 f"downloaded on first use into {torch.hub.get_dir()}/checkpoints; offline, copy "
-                "resnet50-11ad3fa6.pth there or pass --weights FILE with a ResNet50 state dict, or omit --weights "
-                "to train from scratch") from None
+                f"{ResNet50_Weights.IMAGENET1K_V2.url.rsplit('/', 1)[-1]} there, or pass --weights FILE with a "
+                "ResNet50 state dict, or omit --weights to train from scratch") from None
         log("weights: ImageNet (torchvision ResNet50_Weights.IMAGENET1K_V2); new 100-way head")
     else:
         model = resnet50(weights=None)
