@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 TORCH   := torch==2.14.1 torchvision==0.29.1
 APT_PKGS := gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
             gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-tools python3-gi ffmpeg \
-            prometheus chromium chromium-driver systemd fonts-dejavu-core
+            prometheus chromium chromium-driver systemd libseccomp2
 PYTEST_ARGS ?=
 
 .PHONY: run test test-fast setup setup-test models system-deps bench clean
@@ -32,7 +32,7 @@ $(VENV)/.runtime-ok: pyproject.toml
 	$(BIN)/python -c "import onnxruntime, cv2, insightface; assert 'CPUExecutionProvider' in onnxruntime.get_available_providers()"
 	touch $@
 
-setup-test: setup $(VENV)/.test-ok system-deps
+setup-test: system-deps setup $(VENV)/.test-ok
 
 $(VENV)/.test-ok: pyproject.toml $(VENV)/.runtime-ok
 	$(BIN)/python -m pip install -q $(TORCH) -e ".[train,test]"

@@ -227,6 +227,10 @@ class ConfigError(Exception):
         self.errors = errors
         super().__init__(f"{source}: " + "; ".join(errors))
 
+    def report(self) -> str:
+        """Multi-line text for a terminal: the file, how many problems, one 'path: message' per line."""
+        return "\n".join([f"{self.source}: {len(self.errors)} error(s)"] + [f"  {e}" for e in self.errors])
+
 
 def _is_loopback(host: str) -> bool:
     host = host.strip("[]")

@@ -20,9 +20,7 @@ def check_command(args) -> int:
     try:
         cfg = load(args.file)
     except ConfigError as exc:
-        print(f"{exc.source}: {len(exc.errors)} error(s)", file=sys.stderr)
-        for err in exc.errors:
-            print(f"  {err}", file=sys.stderr)
+        print(exc.report(), file=sys.stderr)
         return 2
     names = ", ".join(c.name for c in cfg.cameras)
     print(f"{args.file}: OK ({len(cfg.cameras)} camera(s): {names})")

@@ -50,3 +50,47 @@ def astronaut_bgr() -> np.ndarray:
     import skimage.data
 
     return np.ascontiguousarray(skimage.data.astronaut()[:, :, ::-1])
+
+
+# ---- a trained checkpoint and its exports, shared by the export tests and the daemon-on-exported-model test -----
+
+TRAIN_IMG_PX = 64  # small input keeps CPU training and export fast; the graph is the full ResNet50
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint, data folder): a small UTKFace-like set, trained for a few steps at 64 px on the CPU."""
+    from agecam.training.synth import make_utkface_like
+    from agecam.training.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("export_train")
+    data = root / "utk"
+    make_utkface_like(data, n=48, seed=3, anomalies=False)
+    result = train(TrainConfig(data=str(data), out=str(root / "run"), epochs=1, batch_size=8, img_size=TRAIN_IMG_PX,
+                               device="cpu", workers=0, max_steps_per_epoch=3, progress=False, amp="off"))
+    return Path(result["best"]), data
+
+
+@pytest.fixture(scope="session")
+def export_once(trained_checkpoint, tmp_path_factory):
+    """export_once(precision) -> (onnx path, the command's printed lines); each precision is exported once."""
+    from agecam.export.pipeline import export_checkpoint
+
+    done: dict[str, tuple[Path, str]] = {}
+
+    def run(precision: str) -> tuple[Path, str]:
+        if precision not in done:
+            ckpt, data = trained_checkpoint
+            out = tmp_path_factory.mktemp(f"export_{precision}") / f"age_{precision}.onnx"
+            lines: list[str] = []
+            export_checkpoint(ckpt, out, precision, eval_data=data, calib_data=data, log=lines.append)
+            done[precision] = (out, "\n".join(lines))
+        return done[precision]
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def exported_model(export_once) -> Path:
+    """Path to an fp32 ONNX age model exported from the freshly trained checkpoint."""
+    return export_once("fp32")[0]

@@ -12,7 +12,6 @@ dlib = pytest.importorskip("dlib")
 from agecam.config import AgeConfig, DetectorConfig, RuntimeConfig  # noqa: E402
 from agecam.daemon.age import AgeModel  # noqa: E402
 from agecam.daemon.detect import build_detector  # noqa: E402
-from agecam.models.fetch import check_models, default_model_paths  # noqa: E402
 
 MAX_MEAN_ABS_DIFF_YEARS = 2.0
 MIN_FACE_PX = 60
@@ -39,13 +38,8 @@ def _iou(a, b) -> float:
 
 
 @pytest.fixture(scope="module")
-def models():
-    runtime = RuntimeConfig(intra_op_threads=2)
-    paths = default_model_paths(runtime.models_dir)
-    problems = check_models(runtime.models_dir)
-    if problems:
-        pytest.skip(f"default models not usable in {runtime.models_dir} ({problems}); run `agecam models fetch`")
-    return runtime, paths
+def models(default_models, models_dir):
+    return RuntimeConfig(intra_op_threads=2, models_dir=models_dir), default_models
 
 
 @pytest.mark.slow

@@ -186,18 +186,12 @@ def test_frame_at_is_cheap(scenes):
 # --- the demo scene through a real detector and the tracker ---------------------------------------------------
 
 @pytest.fixture(scope="module")
-def mtcnn():
-    """The fetched MTCNN on onnxruntime's CPU provider; skips when `agecam models fetch` has not been run."""
-    from agecam.config import DEFAULT_MODELS_DIR, DetectorConfig, RuntimeConfig
-    from agecam.models.fetch import MissingModelsError, ensure_models
-
-    try:
-        models = ensure_models(DEFAULT_MODELS_DIR)
-    except MissingModelsError as exc:
-        pytest.skip(f"fetched models not present: {exc}")
+def mtcnn(default_models):
+    """The fetched MTCNN on onnxruntime's CPU provider."""
+    from agecam.config import DetectorConfig, RuntimeConfig
     from agecam.daemon.detect import build_detector
 
-    return build_detector(DetectorConfig(), RuntimeConfig(intra_op_threads=2), models)
+    return build_detector(DetectorConfig(), RuntimeConfig(intra_op_threads=2), default_models)
 
 
 def score_tracking(frames, scene: DemoScene, buffer_s: float, min_iou: float = 0.3) -> dict:

@@ -10,58 +10,22 @@ import pytest
 from agecam.export import checks, faces
 from agecam.models.contract import ModelContractError, read_spec
 
-IMG_PX = 64  # small input keeps CPU training and export fast; the graph is the full ResNet50
+from tests.conftest import TRAIN_IMG_PX as IMG_PX  # the fixtures' training size
 
 
-# ---- fixtures (session-wide: training and each export run once) ------------------------------------------------
-
-@pytest.fixture(scope="session")
-def trained_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
-    """(checkpoint, data folder): a small UTKFace-like set, trained for a few steps at 64 px on the CPU."""
-    from agecam.training.synth import make_utkface_like
-    from agecam.training.train import TrainConfig, train
-
-    root = tmp_path_factory.mktemp("export_train")
-    data = root / "utk"
-    make_utkface_like(data, n=48, seed=3, anomalies=False)
-    result = train(TrainConfig(data=str(data), out=str(root / "run"), epochs=1, batch_size=8, img_size=IMG_PX,
-                               device="cpu", workers=0, max_steps_per_epoch=3, progress=False, amp="off"))
-    return Path(result["best"]), data
-
-
-_EXPORTS: dict[str, tuple[Path, str]] = {}
-
-
-def _export(precision: str, trained_checkpoint, tmp_path_factory, capsys=None) -> tuple[Path, str]:
-    """Export once per precision per session; returns (path, the command's printed lines)."""
-    from agecam.export.pipeline import export_checkpoint
-
-    if precision not in _EXPORTS:
-        ckpt, data = trained_checkpoint
-        out = tmp_path_factory.mktemp(f"export_{precision}") / f"age_{precision}.onnx"
-        lines: list[str] = []
-        export_checkpoint(ckpt, out, precision, eval_data=data, calib_data=data, log=lines.append)
-        _EXPORTS[precision] = (out, "\n".join(lines))
-    return _EXPORTS[precision]
-
-
-@pytest.fixture(scope="session")
-def exported_model(tmp_path_factory, trained_checkpoint) -> Path:
-    """Path to an fp32 ONNX age model exported from a freshly trained checkpoint (reusable by other tests:
-    `from tests.test_export import exported_model, trained_checkpoint`)."""
-    return _export("fp32", trained_checkpoint, tmp_path_factory)[0]
+# fixtures trained_checkpoint, exported_model and export_once live in tests/conftest.py (shared, run once)
 
 
 # ---- export, parity, variants -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("precision, tolerance_years", [("fp32", 0.05), ("fp16", 0.5), ("int8", 3.0)])
-def test_export_matches_pytorch_on_real_faces(precision, tolerance_years, trained_checkpoint, tmp_path_factory):
+def test_export_matches_pytorch_on_real_faces(precision, tolerance_years, trained_checkpoint, export_once):
     # given a checkpoint trained for a few steps
     from agecam.export.onnx_export import load_checkpoint, torch_probabilities
 
     ckpt_path, _ = trained_checkpoint
     # when it is exported at this precision
-    path, printed = _export(precision, trained_checkpoint, tmp_path_factory)
+    path, printed = export_once(precision)
     # then the file carries the contract of the checkpoint
     spec = read_spec(path)
     model, ckpt = load_checkpoint(ckpt_path)
@@ -229,14 +193,14 @@ def test_contradictory_or_missing_metadata_is_refused(case, edit, expected_words
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
-def test_daemon_age_model_runs_exported_file(precision, trained_checkpoint, tmp_path_factory):
+def test_daemon_age_model_runs_exported_file(precision, export_once):
     # given an exported model and real face chips at its input size
     import cv2
 
     from agecam.config import RuntimeConfig
     from agecam.daemon.age import AgeModel
 
-    path, _ = _export(precision, trained_checkpoint, tmp_path_factory)
+    path, _ = export_once(precision)
     spec = read_spec(path)
     h, w = spec.input_size_hw
     chips = np.stack([cv2.resize(im, (w, h), interpolation=cv2.INTER_AREA) for im in faces.packaged_faces().images])

@@ -6,14 +6,13 @@ import pytest
 from agecam.config import parse
 from agecam.daemon.app import App
 from tests.test_daemon_e2e import Subscriber, free_port
-from tests.test_export import trained_checkpoint  # noqa: F401  (session fixture: a few CPU training steps)
 
 pytestmark = pytest.mark.slow
 PLANTED_AGE_YEARS = 87.0
 
 
 @pytest.fixture(scope="module")
-def planted_model(trained_checkpoint, tmp_path_factory):  # noqa: F811
+def planted_model(trained_checkpoint, tmp_path_factory):
     """A trained checkpoint whose head is set to answer ~87 years for any face, exported through `agecam export`."""
     import torch
 

@@ -61,14 +61,15 @@ class App:
 
         cfg = self.cfg
         need_defaults = (self._detector is None and cfg.detector.kind == "mtcnn" and cfg.detector.model is None) or (
-            self._age_model is None and cfg.age.model is None) or cfg.age.landmarks != "detector"
+            self._age_model is None and cfg.age.model is None)
         models = ensure_models(cfg.runtime.models_dir) if need_defaults else None
         if self._detector is None:
             self._detector = build_detector(cfg.detector, cfg.runtime, models)
         if self._age_model is None:
             self._age_model = AgeModel.from_config(cfg.age, cfg.runtime)
 
-    def start(self) -> None:
+    def start(self, first_track_ids: dict[str, int] | None = None) -> None:
+        """Build and start every component; on failure, stop() closes whatever was already built."""
         from agecam.daemon.agesvc import AgeService
         from agecam.daemon.metrics import Metrics
         from agecam.daemon.pipeline import CameraPipeline
@@ -77,13 +78,11 @@ class App:
         from agecam.daemon.sources import CaptureThread
 
         cfg = self.cfg
-        self.load_models()
+        self.started = True  # from here on stop() has something to close
         if self.metrics is None:
             self.metrics = Metrics(cameras=list(self.cameras))
         m = self.metrics
-        self._set_info(m)
-        if cfg.metrics.bind:
-            self._servers.append(m.serve(cfg.metrics.bind))
+
         def on_sent(ev: dict, send_s: float) -> None:
             m.events_published_total.labels(type=ev["type"]).inc()
             m.stage_duration_seconds.labels(stage="publish").observe(send_s)
@@ -92,6 +91,12 @@ class App:
 
         self.publisher = Publisher(cfg.events, self.stop_event, on_sent=on_sent,
                                    on_drop=lambda reason: m.events_dropped_total.labels(reason=reason).inc())
+        # bound before the models load, so subscribers are connected by the time the first events flow
+        self.publisher.start()
+        self.load_models()
+        self._set_info(m)
+        if cfg.metrics.bind:
+            self._servers.append(m.serve(cfg.metrics.bind))
         self.age_service = AgeService(self._age_model, cfg.age.max_batch, self.stop_event, m)
         self.hub = None
         if cfg.preview.bind:
@@ -110,20 +115,18 @@ class App:
                 cam, cfg, slot=slot, detector=self._detector, age_model=self._age_model,
                 age_service=self.age_service, events=self.events, submit=self.publisher.submit,
                 stop=self.stop_event, ended=self.ended[cam.name], metrics=m, hub=self.hub,
-                recorder=self._recorder(cam), frame_tap=self._frame_tap)
+                recorder=self._recorder(cam), frame_tap=self._frame_tap,
+                first_track_id=(first_track_ids or {}).get(cam.name, 1))
             self.captures[cam.name] = CaptureThread(
                 cam, slot, self.stop_event, on_status=self._on_status,
                 on_frame=lambda c=cam.name: m.frames_captured_total.labels(camera=c).inc(),
                 open_fn=self._open_fn)
         # start in dependency order; stop() joins in reverse
-        self.publisher.start()
         self.age_service.start()
         for p in self.pipelines.values():
             p.start()
         for c in self.captures.values():
             c.start()
-        self.started = True
-        self.started_s = time.monotonic()
         log.info("started: %d camera(s); events on %s%s%s", len(self.captures), self.publisher.endpoint,
                  f"; metrics on http://{cfg.metrics.bind}/metrics" if cfg.metrics.bind else "",
                  f"; preview on http://{cfg.preview.bind}/" if cfg.preview.bind else "")
@@ -185,7 +188,7 @@ class App:
                 continue
             if p.crashed or not p.thread.is_alive() or now - p.heartbeat_s > limit:
                 return False
-        return now - self.age_service.heartbeat_s <= limit
+        return now - self.age_service.heartbeat_s <= limit and self.publisher.alive()
 
     def all_ended(self) -> bool:
         return bool(self.pipelines) and all(e.is_set() and not self.pipelines[n].thread.is_alive()
@@ -209,20 +212,24 @@ class App:
             if not c.join(JOIN_TIMEOUT_S):
                 stuck.append(c.name)
         for p in self.pipelines.values():
-            p.thread.join(JOIN_TIMEOUT_S)
+            if p.thread.ident is not None:
+                p.thread.join(JOIN_TIMEOUT_S)
             if p.thread.is_alive():
                 stuck.append(p.thread.name)
-        if not self.age_service.join(JOIN_TIMEOUT_S):
+        age_service = getattr(self, "age_service", None)
+        if age_service is not None and not age_service.join(JOIN_TIMEOUT_S):
             stuck.append("age")
-        if not self.publisher.join(JOIN_TIMEOUT_S):
-            stuck.append("publish")
-        self.publisher.drain_and_close()  # the track.end events the pipelines sent while stopping
+        publisher = getattr(self, "publisher", None)
+        if publisher is not None:
+            if not publisher.join(JOIN_TIMEOUT_S):
+                stuck.append("publish")
+            publisher.drain_and_close()  # the track.end events the pipelines sent while stopping
         for s in reversed(self._servers):
             try:
                 s.close()
             except Exception:
                 log.exception("closing %s failed", s)
-        if self.hub is not None:
+        if getattr(self, "hub", None) is not None:
             self.hub.close()
         if stuck:
             log.error("threads that did not stop within %.0f s: %s", JOIN_TIMEOUT_S, ", ".join(stuck))
@@ -250,16 +257,15 @@ def _describe(cfg: Config, app: App) -> str:
 
 def run_command(args) -> int:
     from agecam.daemon.systemd import Notifier, WatchdogPinger
-    from agecam.logs import setup_logging
+    from agecam.logs import add_secret, setup_logging
 
     try:
         cfg = load(args.config)
     except ConfigError as exc:
-        print(f"config {exc.source} is not valid:", file=sys.stderr)
-        for e in exc.errors:
-            print(f"  {e}", file=sys.stderr)
+        print(exc.report(), file=sys.stderr)
         return 2
     setup_logging(cfg.runtime.log_level, args.log_format or cfg.runtime.log_format)
+    add_secret(cfg.preview.token)
     notifier = Notifier()
     terminate = threading.Event()
     reload_requested = threading.Event()
@@ -280,7 +286,6 @@ def run_command(args) -> int:
     pinger.start()
     notifier.ready()
     last_status = ""
-    code = 0
     while not terminate.wait(0.5):
         line = app.status_line()
         if line != last_status:
@@ -289,6 +294,11 @@ def run_command(args) -> int:
         if reload_requested.is_set():
             reload_requested.clear()
             app = _reload(app, args.config, notifier)
+            if app is None:
+                log.error("no config could be restarted after a failed reload; exiting so the service manager restarts us")
+                notifier.stopping()
+                pinger.join(2.0)
+                return 1
         if app.all_ended():
             log.info("every camera has ended; stopping")
             break
@@ -296,11 +306,13 @@ def run_command(args) -> int:
     log.info("stopping")
     stuck = app.stop()
     pinger.join(2.0)
-    return code if not stuck else 1
+    return 1 if stuck else 0
 
 
-def _reload(app: App, path: Path, notifier) -> App:
+def _reload(app: App, path: Path, notifier) -> App | None:
     """SIGHUP: apply a new valid config by restarting the components; keep the old one on any error."""
+    from agecam.logs import add_secret
+
     try:
         new_cfg = load(path)
     except ConfigError as exc:
@@ -308,22 +320,28 @@ def _reload(app: App, path: Path, notifier) -> App:
         return app
     notifier.reloading()
     log.info("reloading config from %s", path)
+    add_secret(new_cfg.preview.token)
     try:
-        candidate = App(new_cfg, notifier=notifier, events=app.events, metrics=None)
+        candidate = App(new_cfg, notifier=notifier, events=app.events)
         candidate.load_models()  # refuse broken model paths before touching the running daemon
     except Exception as exc:
         log.error("reload refused, keeping the running config: %s", exc)
         notifier.ready()
         return app
+    next_ids = {name: p.tracker.next_id for name, p in app.pipelines.items()}  # track IDs stay unique in the run
     app.stop()
     try:
-        candidate.start()
+        candidate.start(first_track_ids=next_ids)
     except Exception as exc:
         log.error("reload failed to start (%s); restarting the previous config", exc)
         candidate.stop()
-        candidate = App(app.cfg, notifier=notifier, events=app.events,
-                        detector=app._detector, age_model=app._age_model)
-        candidate.start()
+        candidate = App(app.cfg, notifier=notifier, events=app.events, detector=app._detector, age_model=app._age_model)
+        try:
+            candidate.start(first_track_ids=next_ids)
+        except Exception as exc2:
+            log.error("the previous config failed to restart too: %s", exc2)
+            candidate.stop()
+            return None
     notifier.ready()
     log.info("reload applied")
     return candidate

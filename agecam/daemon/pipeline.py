@@ -5,6 +5,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import cv2
@@ -18,6 +19,8 @@ from agecam.daemon.types import Detections, Frame
 from agecam.events import EventFactory, UpdatePolicy
 
 log = logging.getLogger(__name__)
+STATS_KEEP = 10000  # recent latency samples kept per pipeline
+SNAPSHOT_REFRESH_S = 1.0  # with nobody watching, the preview frame is still refreshed this often (for snapshots)
 
 @dataclass
 class TrackState:
@@ -39,8 +42,8 @@ class PipelineStats:
     full_searches: int = 0
     region_searches: int = 0
     fps: float = 0.0
-    first_age_delays_s: list = field(default_factory=list)
-    event_latencies_s: list = field(default_factory=list)
+    first_age_delays_s: deque = field(default_factory=lambda: deque(maxlen=STATS_KEEP))  # for benchmarks
+    event_latencies_s: deque = field(default_factory=lambda: deque(maxlen=STATS_KEEP))
 
 
 def _shift(d: Detections, dx: float, dy: float, scale: float = 1.0) -> Detections:
@@ -56,7 +59,7 @@ class CameraPipeline:
 
     def __init__(self, cam: CameraConfig, cfg: Config, *, slot, detector, age_model, age_service: AgeService,
                  events: EventFactory, submit, stop: threading.Event, ended: threading.Event,
-                 metrics=None, hub=None, recorder=None, frame_tap=None):
+                 metrics=None, hub=None, recorder=None, frame_tap=None, first_track_id: int = 1):
         self.cam = cam
         self.cfg = cfg
         self.slot = slot
@@ -71,7 +74,7 @@ class CameraPipeline:
         self.hub = hub
         self.recorder = recorder
         self.frame_tap = frame_tap
-        self.tracker = Tracker(cfg.tracker)
+        self.tracker = Tracker(cfg.tracker, first_id=first_track_id)
         self.sampler = AgeSampler(cfg.age)
         self.policy = UpdatePolicy(cfg.events.update_min_delta_years, cfg.events.update_max_interval_s)
         self.states: dict[int, TrackState] = {}
@@ -257,7 +260,8 @@ class CameraPipeline:
         from agecam.daemon.preview import TrackView, annotate
 
         now = time.monotonic()
-        if now - self._last_preview_s < 1.0 / self.cfg.preview.max_fps:
+        watched = self.recorder is not None or (self.hub is not None and self.hub.watching(self.cam.name))
+        if now - self._last_preview_s < (1.0 / self.cfg.preview.max_fps if watched else SNAPSHOT_REFRESH_S):
             return
         self._last_preview_s = now
         views = [TrackView(tid, st.track.box_xyxy, st.smoother.estimate(), st.quality, True)

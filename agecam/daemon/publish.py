@@ -66,6 +66,10 @@ class Publisher:
         except zmq.Again:  # high-water mark reached for every peer
             self.dropped += 1
             self._on_drop("hwm")
+        except zmq.ZMQError as exc:  # never let one bad send kill the thread
+            self.dropped += 1
+            self._on_drop("send_error")
+            log.warning("event not sent (%s): %s", event.get("type"), exc)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -74,6 +78,10 @@ class Publisher:
             except queue.Empty:
                 continue
             self._send(event)
+
+    def alive(self) -> bool:
+        """True while the publish thread runs (health checks)."""
+        return self._thread.is_alive()
 
     def join(self, timeout_s: float) -> bool:
         """Wait for the thread; True when it stopped."""

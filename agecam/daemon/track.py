@@ -179,9 +179,9 @@ def _assign(tracks: list[_LiveTrack], boxes: np.ndarray, min_iou: float) -> tupl
 class Tracker:
     """Tracks faces of one camera. Pure logic: call update() once per processed frame with its capture time."""
 
-    def __init__(self, cfg: TrackerConfig):
+    def __init__(self, cfg: TrackerConfig, first_id: int = 1):
         self.cfg = cfg
-        self._next_id = 1
+        self._next_id = first_id  # > 1 after a reload, so IDs stay unique within the run
         self._tracks: list[_LiveTrack] = []
         self._ended: list[Track] = []
 
@@ -267,6 +267,11 @@ class Tracker:
         for i, t in enumerate(live):
             out[i] = _z_to_xyxy(t.kf.predicted_pos(ts_s - t.ts))
         return out
+
+    @property
+    def next_id(self) -> int:
+        """The ID the next new track will get."""
+        return self._next_id
 
     def pop_ended(self) -> list[Track]:
         """Confirmed tracks removed since the last call (each reported once), state 'ended'."""
