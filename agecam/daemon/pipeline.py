@@ -178,7 +178,7 @@ class CameraPipeline:
             if t.is_confirmed and t.track_id not in self.states:
                 st = TrackState(t, AgeSmoother(self.cfg.age, self.age_model.bins_years))
                 self.states[t.track_id] = st
-                self._confirmed_at[t.track_id] = ts
+                self._confirmed_at[t.track_id] = t.first_seen_ts  # first frame of the face, for first-age delay
                 self._emit("track.start", t, None, ts)
                 st.last_sent_ts = ts
             elif t.track_id in self.states:
