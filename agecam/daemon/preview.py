@@ -61,13 +61,6 @@ class PreviewHub:
         """Camera names in config order."""
         return list(self._slots)
 
-    def configure(self, *, jpeg_quality: int | None = None, max_fps: float | None = None) -> None:
-        """Apply reloaded preview settings."""
-        if jpeg_quality is not None:
-            self.jpeg_quality = int(jpeg_quality)
-        if max_fps is not None:
-            self.max_fps = float(max_fps)
-
     def publish(self, camera: str, image_bgr: np.ndarray) -> None:
         """Store the latest annotated frame (cheap: no copy, no encoding). Unknown cameras are ignored."""
         slot = self._slots.get(camera)
@@ -356,11 +349,6 @@ class PreviewServer:
         """Base URL (without the token)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/"
-
-    def configure(self, cfg: PreviewConfig) -> None:
-        """Apply a reloaded config: token, max_fps, jpeg_quality (the bind needs a restart)."""
-        self.token = cfg.token or None
-        self.hub.configure(jpeg_quality=cfg.jpeg_quality, max_fps=cfg.max_fps)
 
     def health_report(self) -> dict:
         """{'status': 'ok'|'degraded', 'cameras': {...}, 'preview': {...}} from the app's health()."""

@@ -19,7 +19,6 @@ class LatestSlot(Generic[T]):
         self._item: T | None = None
         self._on_drop = on_drop
         self.dropped = 0  # items overwritten before a get took them
-        self.put_count = 0  # items ever put
 
     def put(self, item: T) -> bool:
         """Store `item`, replacing any untaken one; returns True when that replaced (dropped) an item."""
@@ -28,7 +27,6 @@ class LatestSlot(Generic[T]):
         with self._cond:
             overwrote = self._item is not None
             self._item = item
-            self.put_count += 1
             if overwrote:
                 self.dropped += 1
             self._cond.notify()
@@ -43,13 +41,3 @@ class LatestSlot(Generic[T]):
                 return None
             item, self._item = self._item, None
             return item
-
-    def peek(self) -> T | None:
-        """The untaken item, if any, without taking it."""
-        with self._cond:
-            return self._item
-
-    def clear(self) -> None:
-        """Forget any untaken item (not counted as a drop)."""
-        with self._cond:
-            self._item = None

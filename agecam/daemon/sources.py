@@ -287,7 +287,6 @@ class CaptureThread:
         self.frames_skipped = 0
         self.frames_dropped = 0
         self.reconnects = 0
-        self.last_delay_s = 0.0  # the most recent backoff wait
         self._next_frame_id = 0
         self._next_emit_mono = 0.0
         self._status_lock = threading.Lock()
@@ -352,7 +351,6 @@ class CaptureThread:
             self._set_status("offline", reason)
             log.debug("camera %s (%s): attempt %d failed (%s); retrying in %.2f s", cfg.name, self._source_text,
                       attempts, secret_free(reason), delay_s)
-            self.last_delay_s = delay_s
             if self.stop_event.wait(delay_s):
                 break
             delay_s = min(delay_s * 2.0, cfg.reconnect_max_s)
