@@ -6,8 +6,10 @@ import json
 import threading
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from agecam.daemon.types import AgeEstimate
+if TYPE_CHECKING:  # the public event module depends on nothing in the daemon at run time
+    from agecam.daemon.types import AgeEstimate
 
 SCHEMA_VERSION = "agecam.event/v1"
 TRACK_TYPES = ("track.start", "track.update", "track.end")
@@ -29,7 +31,7 @@ class EventFactory:
                 "camera": camera, "ts": round(ts, 3)}
 
     def track(self, type_: str, camera: str, ts: float, track_id: int, box_xyxy, det_score: float,
-              age: AgeEstimate | None, first_seen: float, last_seen: float) -> dict:
+              age: "AgeEstimate | None", first_seen: float, last_seen: float) -> dict:
         """A track.start / track.update / track.end event."""
         assert type_ in TRACK_TYPES, type_
         ev = self._base(type_, camera, ts)
@@ -67,7 +69,7 @@ class UpdatePolicy:
     min_delta_years: float
     max_interval_s: float
 
-    def due(self, last_sent_years: float | None, last_sent_ts: float, age: AgeEstimate | None, now_s: float) -> bool:
+    def due(self, last_sent_years: float | None, last_sent_ts: float, age: "AgeEstimate | None", now_s: float) -> bool:
         if age is None:
             return now_s - last_sent_ts >= self.max_interval_s
         if last_sent_years is None:
