@@ -130,6 +130,9 @@ def test_every_track_starts_ends_once_and_carries_ages(demo_run):
             if e["age"] is not None:
                 a = e["age"]
                 assert 0.25 <= a["years"] <= 80 and a["std"] > 0 and a["low"] <= a["years"] <= a["high"], a
+        for e in evs:  # the demo frame is 640x480: boxes are clipped to it, and an ended track is where it was seen
+            x1, y1, x2, y2 = e["box_xyxy"]
+            assert 0 <= x1 < x2 <= 640 and 0 <= y1 < y2 <= 480, f"track {tid} {e['type']} box outside the frame: {e}"
         final = evs[-1]["age"]
         if final is not None and final["samples"] >= 3:
             aged += 1

@@ -258,3 +258,23 @@ def test_update_is_fast():
     per_update_us = (time.perf_counter() - t0) / len(frames) * 1e6
     # then an update costs well under a millisecond (4 cameras x 15 fps need 60 per second)
     assert per_update_us < 2000, f"tracker update took {per_update_us:.0f} us for 6 faces"
+
+
+def test_ended_track_reports_its_last_seen_box_not_a_prediction():
+    # given a fast-moving confirmed track that then vanishes
+    from agecam.config import TrackerConfig
+    from agecam.daemon.track import Tracker
+    from agecam.daemon.types import Detections
+
+    tr = Tracker(TrackerConfig(confirm_hits=2, lost_track_buffer_s=0.5))
+    last = None
+    for i in range(5):
+        last = np.array([[100 + 40 * i, 100, 180 + 40 * i, 180]], np.float32)
+        tr.update(Detections(last, np.array([0.95], np.float32)), ts_s=i * 0.1)
+    # when it has been gone longer than the lost buffer
+    for j in range(1, 12):
+        tr.update(Detections.empty(), ts_s=0.4 + j * 0.1)
+    ended = tr.pop_ended()
+    # then its end carries the box where it was last detected, not where the filter extrapolated it
+    assert len(ended) == 1, ended
+    assert np.allclose(ended[0].box_xyxy, last[0]), f"ended box {ended[0].box_xyxy}, last seen {last[0].tolist()}"

@@ -82,6 +82,7 @@ class CameraPipeline:
         self.stats = PipelineStats()
         self.heartbeat_s = time.monotonic()
         self.last_frame_ts = 0.0
+        self.frame_wh: tuple[int, int] | None = None  # size of the latest frame, to clip event boxes
         self._last_full_ts = -1e18
         self._last_preview_s = 0.0
         self._fps_window: list[float] = []
@@ -134,6 +135,7 @@ class CameraPipeline:
         self._advance(dets, frame.ts, frame)
         t2 = time.perf_counter()
         self.stats.frames += 1
+        self.frame_wh = (frame.image.shape[1], frame.image.shape[0])
         self.stats.faces += len(dets)
         self.last_frame_ts = frame.ts
         now = time.monotonic()
@@ -249,7 +251,11 @@ class CameraPipeline:
             self.recorder.close()
 
     def _emit(self, type_: str, track, age, ts: float) -> None:
-        ev = self.events.track(type_, self.cam.name, ts, track.track_id, track.box_xyxy, track.det_score, age,
+        box = track.box_xyxy
+        if self.frame_wh is not None:  # detector boxes may overhang the image edge: report the visible part
+            w, h = self.frame_wh
+            box = (min(max(box[0], 0), w), min(max(box[1], 0), h), min(max(box[2], 0), w), min(max(box[3], 0), h))
+        ev = self.events.track(type_, self.cam.name, ts, track.track_id, box, track.det_score, age,
                                track.first_seen_ts, track.last_seen_ts)
         self.submit(ev)
         if type_ != "track.end":

@@ -27,7 +27,8 @@ class Track:
 
     state: 'tentative' (not yet announced), 'confirmed' (matched now or recently), 'lost' (kept for
     re-identification), 'ended' (removed; only in pop_ended()/end_all(), and only tracks once confirmed). det_index indexes the Detections of
-    this update when matched now, else None. box_xyxy is the matched detection's box, else the prediction.
+    this update when matched now, else None. box_xyxy is the matched detection's box, else the prediction; for an
+    ended track, the box of its last detection.
     """
 
     track_id: int
@@ -112,14 +113,15 @@ class _KalmanBox:
 class _LiveTrack:
     """Mutable tracker-internal state of one track."""
 
-    __slots__ = ("track_id", "state", "kf", "box", "det_score", "det_index", "first_seen_ts", "last_seen_ts",
-                 "hits", "ts")
+    __slots__ = ("track_id", "state", "kf", "box", "seen_box", "det_score", "det_index", "first_seen_ts",
+                 "last_seen_ts", "hits", "ts")
 
     def __init__(self, track_id: int, box: np.ndarray, score: float, det_index: int, ts_s: float):
         self.track_id = track_id
         self.state: TrackState = "tentative"
         self.kf = _KalmanBox(_xyxy_to_z(box))
         self.box = box.astype(np.float64)
+        self.seen_box = self.box  # the last detection's box: where the face really was when last seen
         self.det_score = score
         self.det_index: int | None = det_index
         self.first_seen_ts = ts_s
@@ -136,13 +138,16 @@ class _LiveTrack:
     def match(self, box: np.ndarray, score: float, det_index: int, ts_s: float) -> None:
         self.kf.correct(_xyxy_to_z(box))
         self.box = box.astype(np.float64)
+        self.seen_box = self.box
         self.det_score = score
         self.det_index = det_index
         self.last_seen_ts = ts_s
         self.hits += 1
 
     def snapshot(self, state: TrackState | None = None) -> Track:
-        return Track(self.track_id, state or self.state, tuple(float(v) for v in self.box), float(self.det_score),
+        state = state or self.state
+        box = self.seen_box if state == "ended" else self.box  # an ended track reports where it was last seen
+        return Track(self.track_id, state, tuple(float(v) for v in box), float(self.det_score),
                      self.det_index, self.first_seen_ts, self.last_seen_ts, self.hits)
 
 
