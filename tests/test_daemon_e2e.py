@@ -257,3 +257,34 @@ def test_config_errors_exit_2_with_paths(tmp_path):
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 2, err
     assert "cameras[0].colour: unknown field" in err and "detector.min_face_px" in err, err
+
+
+def test_annotated_stream_is_recorded_to_a_video_file(tmp_path, models_dir):
+    # given a short demo run with preview.record_path set and no preview server
+    import cv2
+
+    cfg = parse({
+        "cameras": [{"name": "demo", "source": "demo", "demo_duration_s": 5.0}],
+        "events": {"bind": f"tcp://127.0.0.1:{free_port()}"}, "metrics": {"bind": None},
+        "preview": {"bind": None, "record_path": str(tmp_path / "rec")},
+        "runtime": {"models_dir": str(models_dir)},
+    })
+    app = App(cfg)
+    app.start()
+    deadline = time.monotonic() + 60
+    while not app.all_ended() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    app.stop()
+    # then <record_path>/<camera>.mp4 holds the annotated frames: the status line is drawn on every one
+    cap = cv2.VideoCapture(str(tmp_path / "rec" / "demo.mp4"))
+    frames = []
+    while True:
+        ok, img = cap.read()
+        if not ok:
+            break
+        frames.append(img)
+    assert len(frames) >= 20, f"only {len(frames)} frames recorded from a 5 s scene"
+    assert frames[0].shape == (480, 640, 3), frames[0].shape
+    # the annotation darkens a status band at the top to 2/7: far darker than the scene just below it
+    bar_dark = np.mean([f[2:14].mean() < 0.6 * f[30:46].mean() for f in frames])
+    assert bar_dark > 0.9, f"only {bar_dark:.0%} of recorded frames carry the darkened status band of the annotation"
