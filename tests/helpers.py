@@ -1,0 +1,201 @@
+"""Test helpers shared by the suite: required parts, free ports, polling, IoU, a ZeroMQ subscriber, capture doubles.
+
+Every part `make test` installs is *required*: a test that needs one calls `need_tool`/`need_module`, which fails
+(never skips) naming the part and the package that provides it, so a broken set-up turns CI red.
+"""
+from __future__ import annotations
+
+import ctypes.util
+import importlib
+import json
+import shutil
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agecam.daemon.slot import LatestSlot
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# what `make test` installs (Makefile APT_PKGS and the train/test extras): tool -> the Debian package providing it
+REQUIRED_TOOLS = {
+    "prometheus": "prometheus",
+    "promtool": "prometheus",
+    "chromium": "chromium",
+    "chromedriver": "chromium-driver",
+    "systemd-analyze": "systemd",
+    "ffmpeg": "ffmpeg",
+    "ffprobe": "ffmpeg",
+    "gst-inspect-1.0": "gstreamer1.0-tools",
+}
+REQUIRED_LIBRARIES = {"seccomp": "libseccomp2"}
+# module -> what installs it
+REQUIRED_MODULES = {
+    "torch": "make test (torch==2.14.1, the train extra)",
+    "torchvision": "make test (torchvision==0.29.1, the train extra)",
+    "dlib": "pip package dlib-bin (a runtime dependency)",
+    "insightface": "make setup (insightface==2.1 --no-deps)",
+    "jsonschema": "the test extra",
+    "skimage": "pip package scikit-image (a runtime dependency)",
+}
+
+
+def need_tool(name: str) -> str:
+    """The path of a required command-line tool, or a test failure naming the Debian package that provides it."""
+    path = shutil.which(name)
+    if path is None:
+        pkg = REQUIRED_TOOLS.get(name, "?")
+        pytest.fail(f"required tool {name!r} is missing: install the Debian package {pkg} (`make test` does)",
+                    pytrace=False)
+    return path
+
+
+def need_library(name: str) -> str:
+    """A required shared library (ctypes name), or a test failure naming its Debian package."""
+    found = ctypes.util.find_library(name)
+    if found is None:
+        pytest.fail(f"required library lib{name} is missing: install the Debian package "
+                    f"{REQUIRED_LIBRARIES.get(name, '?')} (`make test` does)", pytrace=False)
+    return found
+
+
+def need_module(name: str):
+    """Import a required Python module, or fail naming what installs it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        pytest.fail(f"required module {name!r} cannot be imported ({exc}): installed by "
+                    f"{REQUIRED_MODULES.get(name, 'make test')}", pytrace=False)
+
+
+# -- ports and polling -------------------------------------------------------------------------------------------------
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago on host."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for(pred, timeout_s: float, what: str, every_s: float = 0.1):
+    """Poll pred() until it returns something truthy and return it; fail naming what was awaited.
+
+    Real-time properties are checked this way: a generous deadline for a condition, never a short sampled window.
+    """
+    deadline, last = time.monotonic() + timeout_s, None
+    while True:
+        try:
+            last = pred()
+        except (OSError, ValueError, KeyError, IndexError) as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}; last: {last!r}", pytrace=False)
+        time.sleep(every_s)
+
+
+# -- geometry ----------------------------------------------------------------------------------------------------------
+def iou(a, b) -> float:
+    """Intersection over union of two xyxy boxes (0 for empty ones)."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+# -- a real ZeroMQ subscriber ------------------------------------------------------------------------------------------
+class Subscriber:
+    """A real ZeroMQ SUB socket collecting every event in a background thread."""
+
+    def __init__(self, endpoint: str):
+        import zmq
+
+        self.sock = zmq.Context.instance().socket(zmq.SUB)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 20)
+        self.sock.setsockopt_string(zmq.SUBSCRIBE, "")
+        self.sock.connect(endpoint)
+        self.events: list[dict] = []
+        self.topics: list[str] = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, name="test-subscriber", daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        import zmq
+
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            if poller.poll(100):
+                topic, payload = self.sock.recv_multipart()
+                self.topics.append(topic.decode())
+                self.events.append(json.loads(payload))
+
+    def wait_for(self, pred, timeout_s: float) -> bool:
+        """True once an event satisfying pred has arrived, False after timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if any(pred(e) for e in list(self.events)):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def close(self) -> None:
+        time.sleep(0.3)  # let the last messages arrive
+        self._stop.set()
+        self._t.join(2)
+        self.sock.close(0)
+
+
+# -- capture doubles -------------------------------------------------------------------------------------------------
+class RecordingSlot(LatestSlot):
+    """A LatestSlot that also keeps every frame put into it, so a test sees frames no consumer took."""
+
+    def __init__(self):
+        super().__init__()
+        self.frames = []
+
+    def put(self, item):
+        self.frames.append(item)
+        return super().put(item)
+
+
+class Statuses:
+    """Collects on_status calls; wait_for blocks until a given status has been reported."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, str, str]] = []
+        self.cond = threading.Condition()
+
+    def __call__(self, camera: str, status: str, reason: str) -> None:
+        with self.cond:
+            self.calls.append((camera, status, reason))
+            self.cond.notify_all()
+
+    @property
+    def seq(self) -> list[str]:
+        return [c[1] for c in self.calls]
+
+    def wait_for(self, status: str, timeout_s: float, nth: int = 1) -> tuple[str, str, str]:
+        with self.cond:
+            ok = self.cond.wait_for(lambda: sum(1 for c in self.calls if c[1] == status) >= nth, timeout_s)
+        assert ok, f"no {status!r} (#{nth}) within {timeout_s} s; statuses so far: {self.calls}"
+        return [c for c in self.calls if c[1] == status][nth - 1]
+
+
+def agecam_cmd() -> list[str]:
+    """The installed `agecam` console script of this interpreter's environment."""
+    exe = Path(sys.executable).parent / "agecam"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "agecam.cli"]
+
+
+def not_uniform(img: np.ndarray, min_std: float = 5.0) -> bool:
+    """True when an image has visible content (a blank or single-colour plot fails)."""
+    return img is not None and float(np.asarray(img, np.float32).std()) > min_std
