@@ -58,6 +58,13 @@ class CameraConfig(_Section):
             return int(v)
         return v
 
+    @model_validator(mode="after")
+    def _check_backoff(self) -> "CameraConfig":
+        if self.reconnect_min_s > self.reconnect_max_s:
+            raise ValueError(f"reconnect_min_s ({self.reconnect_min_s:g}) must not exceed reconnect_max_s "
+                             f"({self.reconnect_max_s:g})")
+        return self
+
 
 class DetectorConfig(_Section):
     """Face detector choice and its cadence."""

@@ -1,22 +1,18 @@
 """RTSP capture against a real GStreamer RTSP server process: frames flow, server death, restart, auth, bad URLs."""
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from agecam.config import CameraConfig
 from agecam.daemon.sources import CaptureThread
-from tests.media import RtspServer, make_numbered_mp4, rtsp_server_available
-from tests.test_sources import RecordingSlot, Statuses
+from tests.helpers import RecordingSlot, Statuses, free_port, wait_for
+from tests.media import RtspServer, make_numbered_mp4
 
-pytestmark = pytest.mark.slow
-
-_why_not = rtsp_server_available()
-if _why_not:  # `make test` installs it (make system-deps): a missing server is a broken set-up, not a skip
-    pytest.fail(_why_not, pytrace=False)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("rtsp_ready")]  # the server is required: never a skip
 
 FPS = 15.0
 
@@ -62,14 +58,18 @@ def test_rtsp_frames_flow_survive_a_server_restart_on_the_same_port(clip, captur
         cap, slot, statuses, stop = capture(rtsp_cam(server.url))
         statuses.wait_for("online", 15)
         open_s = time.monotonic() - t0
-        # when it runs past several ends of the clip
-        stop.wait(3.0)
-        # then frames keep coming at about the clip's rate and the camera stayed online
-        t_end = time.time()
-        n = frames_after(slot, t_end - 2.0)
-        assert 0.6 * 2 * FPS <= n <= 1.5 * 2 * FPS, f"{n} frames in the last 2 s, expected ~{2 * FPS:.0f}"
+        # when it runs past several ends of the clip (waited for: three loops' worth of frames)
+        wait_for(lambda: len(slot.frames) >= 3 * 15, 60, "three loops of the 15-frame clip")
+        # then the frames are the clip's, decoded in order across its ends, with no stall, and it stayed online
+        frames = list(slot.frames)
+        levels = [float(f.image.mean()) for f in frames]
+        assert np.diff(sorted(levels[:15])).min() > 3, f"not 15 distinct numbered frames: {np.round(levels[:15])}"
+        off = [i for i in range(len(levels) - 15) if abs(levels[i + 15] - levels[i]) > 2]
+        assert len(off) <= 3, f"the clip did not repeat in order (at {off[:10]}): levels {np.round(levels[:45])}"
+        gaps_s = np.diff([f.ts for f in frames])
+        assert gaps_s.max() < 2.0, f"a {gaps_s.max():.2f} s stall between frames (read_timeout_s is 2)"
         assert statuses.seq == ["online"], f"transitions {statuses.calls}"
-        assert slot.frames[0].image.shape == (120, 160, 3)
+        assert frames[0].image.shape == (120, 160, 3)
 
         # when the server dies
         server.kill()
@@ -85,9 +85,8 @@ def test_rtsp_frames_flow_survive_a_server_restart_on_the_same_port(clip, captur
         statuses.wait_for("online", 15, nth=2)
         reconnect_s = time.monotonic() - t_restart
         # then the same capture thread is online again and frames flow
-        stop.wait(1.5)
-        n_after = frames_after(slot, time.time() - 1.0)
-        assert n_after >= 0.6 * FPS, f"only {n_after} frames in the last second after the restart"
+        t_online = time.time()
+        wait_for(lambda: frames_after(slot, t_online) >= FPS, 30, "a second's worth of frames after the restart")
         assert cap.is_alive() and statuses.seq == ["online", "offline", "online"], f"transitions {statuses.calls}"
         assert cap.reconnects >= 1
         print(f"\nRTSP measured: first open {open_s:.2f} s, offline {offline_s:.2f} s after the kill "
@@ -108,12 +107,6 @@ def test_rtsp_with_basic_auth(clip, capture):
         assert bad_st.seq == ["offline"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_rtsp_url_is_offline_with_a_clear_secret_free_reason(capture):
     # given an RTSP URL with a password where nothing listens
     port = free_port()
@@ -121,10 +114,7 @@ def test_unreachable_rtsp_url_is_offline_with_a_clear_secret_free_reason(capture
     # then it is offline quickly, says why, never shows the password, and keeps retrying
     _, _, reason = statuses.wait_for("offline", 5)
     assert reason == f"cannot connect to 127.0.0.1:{port}: Connection refused", f"reason {reason!r}"
-    deadline = time.monotonic() + 5
-    while cap.reconnects < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert cap.reconnects >= 2, "an unreachable camera should be retried"
+    wait_for(lambda: cap.reconnects >= 2, 30, "retries of an unreachable camera")
     assert "topsecret" not in repr(statuses.calls)
 
 
@@ -145,8 +135,7 @@ def test_a_frozen_rtsp_server_trips_the_watchdog_and_recovers(capture):
             server.proc.send_signal(signal.SIGCONT)
         # then the camera is offline within about read_timeout_s and comes back once the server thaws
         assert reason in ("read failed", "no frame for 1.5 s"), f"unexpected reason {reason!r}"
-        assert offline_s < 1.5 + 1.0, f"offline only {offline_s:.2f} s after the freeze"
+        assert offline_s < 1.5 + 2.0, f"offline only {offline_s:.2f} s after the freeze"
         statuses.wait_for("online", 15, nth=2)
         n_before = len(slot.frames)
-        stop.wait(1.0)
-        assert len(slot.frames) - n_before >= 5, "frames should flow again after the thaw"
+        wait_for(lambda: len(slot.frames) - n_before >= 5, 30, "frames flowing again after the thaw")

@@ -1,23 +1,15 @@
 """The whole daemon on a real RTSP server: faces tracked, server killed and restarted, camera comes back by itself."""
 import json
-import socket
 import time
 
 import pytest
 
 from agecam.config import parse
 from agecam.daemon.app import App
-from tests.media import RtspServer, make_demo_mp4, rtsp_server_available
-from tests.test_daemon_e2e import Subscriber, free_port
+from tests.helpers import Subscriber, free_port
+from tests.media import RtspServer, make_demo_mp4
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def rtsp_ready():
-    why = rtsp_server_available()
-    if why:
-        pytest.fail(f"the RTSP test server cannot run: {why}")  # CI installs it (make system-deps): never skip
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("rtsp_ready")]
 
 
 def test_rtsp_camera_survives_server_restart(rtsp_ready, models_dir):

@@ -11,46 +11,13 @@ import pytest
 
 from agecam.config import CameraConfig
 from agecam.daemon.slot import LatestSlot
+from agecam.daemon.backoff import Backoff
 from agecam.daemon.sources import CaptureThread, SourceError, source_kind
+from tests.helpers import RecordingSlot, Statuses, wait_for
 from tests.media import frame_level, make_numbered_avi
 
 FPS = 20.0
 N_FRAMES = 12
-
-
-class RecordingSlot(LatestSlot):
-    """A LatestSlot that also keeps every frame put into it, so a test sees frames no consumer took."""
-
-    def __init__(self):
-        super().__init__()
-        self.frames = []
-
-    def put(self, item):
-        self.frames.append(item)
-        return super().put(item)
-
-
-class Statuses:
-    """Collects on_status calls; wait_for blocks until a given status has been reported."""
-
-    def __init__(self):
-        self.calls: list[tuple[str, str, str]] = []
-        self.cond = threading.Condition()
-
-    def __call__(self, camera: str, status: str, reason: str) -> None:
-        with self.cond:
-            self.calls.append((camera, status, reason))
-            self.cond.notify_all()
-
-    @property
-    def seq(self) -> list[str]:
-        return [c[1] for c in self.calls]
-
-    def wait_for(self, status: str, timeout_s: float, nth: int = 1) -> tuple[str, str, str]:
-        with self.cond:
-            ok = self.cond.wait_for(lambda: sum(1 for c in self.calls if c[1] == status) >= nth, timeout_s)
-        assert ok, f"no {status!r} (#{nth}) within {timeout_s} s; statuses so far: {self.calls}"
-        return [c for c in self.calls if c[1] == status][nth - 1]
 
 
 class ScriptedReader:
@@ -124,15 +91,15 @@ def test_slot_keeps_only_the_latest_and_counts_overwrites():
     # and an empty slot times out with None
     t0 = time.monotonic()
     assert slot.get(0.05) is None
-    assert 0.04 <= time.monotonic() - t0 < 0.5, "get(timeout) did not honour its timeout"
+    assert 0.04 <= time.monotonic() - t0 < 5.0, "get(timeout) did not honour its timeout"
 
 
 def test_slot_get_wakes_when_another_thread_puts():
     slot = LatestSlot()
     threading.Timer(0.05, slot.put, args=("x",)).start()
     t0 = time.monotonic()
-    assert slot.get(2.0) == "x"
-    assert time.monotonic() - t0 < 1.0, "get did not wake on put"
+    assert slot.get(30.0) == "x"
+    assert time.monotonic() - t0 < 15.0, "get did not wake on put (it waited out its 30 s timeout)"
 
 
 @pytest.mark.parametrize("source, kind", [
@@ -157,7 +124,7 @@ def test_file_plays_at_its_own_frame_rate_then_ends(run_capture):
     levels = [int(round(f.image.mean())) for f in frames]
     assert all(abs(lv - frame_level(i)) <= 6 for i, lv in enumerate(levels)), f"frames out of order: {levels}"
     gaps = np.diff([f.ts for f in frames])
-    assert abs(statistics.median(gaps) - 1 / FPS) < 0.015, f"median spacing {statistics.median(gaps):.3f} s != 1/fps"
+    assert abs(statistics.median(gaps) - 1 / FPS) < 0.03, f"median spacing {statistics.median(gaps):.3f} s != 1/fps"
     span = frames[-1].ts - frames[0].ts
     assert 0.8 * (N_FRAMES - 1) / FPS < span < 2.0 * (N_FRAMES - 1) / FPS, f"played {span:.2f} s, expected ~0.55 s"
     assert cap.frames_captured == N_FRAMES and cap.status == "ended"
@@ -185,7 +152,7 @@ def test_missing_file_is_offline_with_reason_and_starts_when_it_appears(run_capt
     _, status, reason = statuses.wait_for("offline", 5)
     assert reason == f"file not found: {target}", f"unclear reason {reason!r}"
     # when the file is dropped in
-    time.sleep(0.3)  # a few retries happen meanwhile
+    wait_for(lambda: cap.reconnects >= 2, 10, "retries while the file is missing")
     attempts_before = cap.reconnects
     shutil.copy(make_numbered_avi(N_FRAMES, FPS), target)
     # then the retry loop picks it up and plays it
@@ -195,10 +162,32 @@ def test_missing_file_is_offline_with_reason_and_starts_when_it_appears(run_capt
     assert len(slot.frames) == N_FRAMES
 
 
-def test_backoff_doubles_up_to_the_cap_and_resets_after_frames(run_capture):
-    # given a source that fails to open 6 times, then delivers 5 frames and fails a read, then works
+@pytest.mark.parametrize("min_s, max_s, resets_after, expected", [
+    (0.5, 30.0, None, [0.5, 1, 2, 4, 8, 16, 30, 30]),
+    (0.05, 0.2, None, [0.05, 0.1, 0.2, 0.2, 0.2]),
+    (1.0, 1.0, None, [1.0, 1.0, 1.0]),
+    (0.5, 30.0, 3, [0.5, 1, 2, 0.5, 1]),  # reset() after the third delay: the source worked
+])
+def test_backoff_doubles_up_to_the_cap_and_resets(min_s, max_s, resets_after, expected):
+    # given a backoff, when delays are drawn (with a reset where given), then they double up to the cap
+    b = Backoff(min_s, max_s)
+    got = []
+    for i in range(len(expected)):
+        if resets_after is not None and i == resets_after:
+            b.reset()
+        got.append(b.next_delay_s())
+    assert got == pytest.approx(expected), f"delays {got}, expected {expected}"
+
+
+def test_backoff_refuses_a_minimum_above_the_maximum():
+    with pytest.raises(ValueError, match="min_s <= max_s"):
+        Backoff(2.0, 1.0)
+
+
+def test_capture_waits_out_the_backoff_and_resets_it_after_frames(run_capture):
+    # given a source that fails to open 5 times, then delivers 5 frames and fails a read, then works
     opens: list[float] = []
-    failures = 6
+    failures = 5
 
     def open_fn(cfg):
         opens.append(time.monotonic())
@@ -208,17 +197,17 @@ def test_backoff_doubles_up_to_the_cap_and_resets_after_frames(run_capture):
             return ScriptedReader(fail_after=5)
         return ScriptedReader()
 
-    cap, slot, statuses, _ = run_capture(cam(reconnect_min_s=0.05, reconnect_max_s=0.2), open_fn=open_fn)
+    cap, slot, statuses, _ = run_capture(cam(reconnect_min_s=0.05, reconnect_max_s=3.0), open_fn=open_fn)
     # when it runs until it is online the second time
-    statuses.wait_for("online", 10, nth=2)
-    # then the waits between failed opens grew 0.05, 0.1, 0.2 and stayed at the 0.2 cap
+    statuses.wait_for("online", 30, nth=2)
+    # then each wait between failed opens lasted at least its backoff delay (0.05, 0.1, 0.2, 0.4, 0.8: a wait can
+    # only run long on a busy machine, never short, so lower bounds are exact)
     gaps = np.diff(opens[: failures + 1])
-    expected = [0.05, 0.1, 0.2, 0.2, 0.2, 0.2]
-    for i, (g, e) in enumerate(zip(gaps, expected)):
-        assert e * 0.9 <= g <= e + 0.1, f"wait {i} was {g:.3f} s, expected ~{e} s (all: {np.round(gaps, 3)})"
-    # and after the source had delivered frames, the first retry used the minimum delay again
+    for i, (g, e) in enumerate(zip(gaps, [0.05, 0.1, 0.2, 0.4, 0.8])):
+        assert g >= e * 0.95, f"wait {i} was {g:.3f} s, shorter than its backoff {e} s (all: {np.round(gaps, 3)})"
+    # and after the source had delivered frames, the retry used the minimum delay again, not the next 1.6 s
     reset_gap = opens[failures + 1] - opens[failures]
-    assert reset_gap < 5 * 0.02 + 0.05 + 0.15, f"backoff not reset after a good read: {reset_gap:.3f} s"
+    assert reset_gap < 1.6, f"backoff not reset after a good read: {reset_gap:.3f} s"
     assert statuses.seq == ["offline", "online", "offline", "online"], f"transitions {statuses.calls}"
     assert statuses.calls[2][2] == "read failed"
     assert cap.reconnects == failures + 1
@@ -250,40 +239,43 @@ def test_a_stalled_source_trips_the_watchdog_and_is_reopened(run_capture, where)
         statuses.wait_for("online", 5, nth=1 if where == "open" else 2)
         assert len(opens) == 2, f"expected exactly one reopen, got {len(opens)} opens"
         gap = opens[1] - opens[0]
-        limit = (0.6 if where == "open" else 3 * 0.02 + 0.33) + 0.05 + 0.3
+        limit = (0.6 if where == "open" else 3 * 0.02 + 0.33) + 0.05 + 2.0  # watchdog + backoff + a busy machine
         assert gap < limit, f"reopen took {gap:.2f} s after the stall"
         stale = [f.frame_id for f in slot.frames if f.image[0, 0, 0] > 103]
         assert not stale, f"frames returned after the stall were delivered: ids {stale}"
         # and stopping does not wait for the blocked reader
-        t0 = time.monotonic()
         stop.set()
-        assert cap.join(1.0), "capture thread did not stop within 1 s"
-        assert time.monotonic() - t0 < 1.0
+        assert cap.join(3.0), "capture thread did not stop within 3 s (the daemon's join timeout)"
     finally:
         release.set()
 
 
-def test_stop_joins_within_a_second_while_playing(run_capture):
+def test_stop_joins_promptly_while_playing(run_capture):
     cap, slot, statuses, stop = run_capture(cam(str(make_numbered_avi(N_FRAMES, FPS)), loop=True))
     statuses.wait_for("online", 5)
-    t0 = time.monotonic()
     stop.set()
-    assert cap.join(1.0), "capture thread did not stop within 1 s"
-    assert time.monotonic() - t0 < 1.0
+    assert cap.join(3.0), "capture thread did not stop within 3 s (the daemon's join timeout)"
 
 
 def test_max_fps_skips_frames_before_the_slot(run_capture):
     # given a 50 fps source limited to 10 fps
-    cap, slot, statuses, stop = run_capture(cam(max_fps=10), open_fn=lambda cfg: ScriptedReader(0.02))
+    readers = []
+
+    def open_fn(cfg):
+        readers.append(ScriptedReader(0.02))
+        return readers[-1]
+
+    cap, slot, statuses, stop = run_capture(cam(max_fps=10), open_fn=open_fn)
     statuses.wait_for("online", 5)
-    # when it runs for about a second
-    stop.wait(1.2)
-    n, skipped = len(slot.frames), cap.frames_skipped
+    # when it has passed a dozen frames
+    wait_for(lambda: len(slot.frames) >= 12, 30, "12 frames through max_fps 10")
+    stop.set()
+    cap.join(3.0)
+    n, skipped, read = len(slot.frames), cap.frames_skipped, readers[0].n
     span = slot.frames[-1].ts - slot.frames[0].ts
-    # then about 10 frames per second reach the slot and the rest are counted as skipped and dropped
+    # then at most 10 frames per second reached the slot, and every other frame read was counted as skipped
     assert n - 1 <= 10 * span * 1.1 + 1, f"{n} frames in {span:.2f} s exceeds max_fps 10"
-    assert n >= 6, f"only {n} frames passed in ~1 s"
-    assert skipped >= 2 * n, f"expected most frames skipped, got {skipped} skipped vs {n} passed"
+    assert skipped > 0 and n + skipped <= read <= n + skipped + 1, f"read {read}, passed {n}, skipped {skipped}"
     assert cap.frames_dropped >= skipped
 
 
@@ -319,8 +311,13 @@ def test_demo_source_paces_and_ends_with_truth(run_capture):
     frames = slot.frames
     # then it delivered 0.5 * 15 frames with ground truth, spaced about 1/15 s, then ended
     assert len(frames) == round(0.5 * 15), f"{len(frames)} frames"
-    assert all(isinstance(f.truth, tuple) for f in frames), "demo frames carry truth"
-    assert frames[0].image.shape == (480, 640, 3)
+    from agecam.daemon.demo import DemoScene
+
+    scene = DemoScene(3, fps=15, duration_s=0.5)
+    for f in frames:  # the scene's own frames, in order, with their ground truth
+        image, truth = scene.frame_at(f.frame_id)
+        assert np.array_equal(f.image, image), f"frame {f.frame_id} is not the scene's frame {f.frame_id}"
+        assert f.truth == tuple(truth), f"frame {f.frame_id} truth {f.truth} != {truth}"
     gaps = np.diff([f.ts for f in frames])
-    assert abs(statistics.median(gaps) - 1 / 15) < 0.02, f"median spacing {statistics.median(gaps):.3f}"
+    assert abs(statistics.median(gaps) - 1 / 15) < 0.03, f"median spacing {statistics.median(gaps):.3f}"
     assert statuses.seq == ["online", "ended"]

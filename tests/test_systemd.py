@@ -115,8 +115,13 @@ import pytest  # noqa: E402  (the launcher above must not need pytest)
 
 from agecam.daemon.systemd import Notifier, WatchdogPinger  # noqa: E402
 
-needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
-                                   reason="systemd-analyze missing (Debian package systemd)")
+from tests.helpers import need_library, need_tool, wait_for  # noqa: E402
+
+
+@pytest.fixture
+def analyze() -> str:
+    """systemd-analyze (Debian package systemd): required, so a missing one fails the tests that use it."""
+    return need_tool("systemd-analyze")
 
 
 def _unit_for_verify(tmp_path: Path) -> Path:
@@ -130,23 +135,21 @@ def _unit_for_verify(tmp_path: Path) -> Path:
     return out
 
 
-@needs_analyze
-def test_unit_passes_systemd_analyze_verify(tmp_path):
+def test_unit_passes_systemd_analyze_verify(tmp_path, analyze):
     # given the unit, its ExecStart pointed at this venv
     unit = _unit_for_verify(tmp_path)
     # when systemd-analyze verifies it
-    res = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, cwd=tmp_path)
+    res = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, cwd=tmp_path)
     # then it passes without a single warning
     assert res.returncode == 0, f"verify failed: {res.stdout}{res.stderr}"
     assert not (res.stdout + res.stderr).strip(), f"verify printed warnings:\n{res.stdout}{res.stderr}"
 
 
-@needs_analyze
-def test_unit_exposure_is_at_most_two(tmp_path):
+def test_unit_exposure_is_at_most_two(tmp_path, analyze):
     # given the unit
     unit = _unit_for_verify(tmp_path)
     # when systemd-analyze scores it offline
-    res = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager", str(unit)],
+    res = subprocess.run([analyze, "security", "--offline=yes", "--no-pager", str(unit)],
                          capture_output=True, text=True, cwd=tmp_path)
     text = res.stdout + res.stderr
     m = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", text)
@@ -156,19 +159,18 @@ def test_unit_exposure_is_at_most_two(tmp_path):
     assert "Unknown key" not in text and "ignoring" not in text, f"systemd ignored part of the unit:\n{text}"
 
 
-@needs_analyze
 @pytest.mark.parametrize("drop_in, applied_marker", [
     ("gpu.conf", "char-nvidia-frontend:rw"),
     ("static-user.conf", "static non-root user"),
 ])
-def test_drop_in_verifies_and_stays_within_the_exposure_limit(tmp_path, drop_in, applied_marker):
+def test_drop_in_verifies_and_stays_within_the_exposure_limit(tmp_path, drop_in, applied_marker, analyze):
     # given the unit with a drop-in from systemd/ beside it
     unit = _unit_for_verify(tmp_path)
     (tmp_path / "agecam.service.d").mkdir()
     shutil.copy(REPO / "systemd" / drop_in, tmp_path / "agecam.service.d" / drop_in)
     # when verified and scored
-    verify = subprocess.run(["systemd-analyze", "verify", unit.name], capture_output=True, text=True, cwd=tmp_path)
-    sec = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager", unit.name],
+    verify = subprocess.run([analyze, "verify", unit.name], capture_output=True, text=True, cwd=tmp_path)
+    sec = subprocess.run([analyze, "security", "--offline=yes", "--no-pager", unit.name],
                          capture_output=True, text=True, cwd=tmp_path).stdout
     # then it is clean, the drop-in was applied, and the exposure is still 2.0 or lower
     assert verify.returncode == 0 and not (verify.stdout + verify.stderr).strip(), verify.stdout + verify.stderr
@@ -224,10 +226,8 @@ SANDBOX_PROBE = textwrap.dedent("""
 """)
 
 
-@needs_analyze
-def test_onnxruntime_and_opencv_work_under_the_units_seccomp_and_memory_deny_write_execute(tmp_path):
-    if ctypes.util.find_library("seccomp") is None:
-        pytest.skip("libseccomp2 missing")
+def test_onnxruntime_and_opencv_work_under_the_units_seccomp_and_memory_deny_write_execute(tmp_path, analyze):
+    need_library("seccomp")
     # given the unit's SystemCallFilter and MemoryDenyWriteExecute reproduced with libseccomp
     env = dict(os.environ, PROBE_MP4=str(tmp_path / "probe.mp4"))
     # when the daemon's kinds of work run under it
@@ -325,53 +325,56 @@ def test_watchdog_interval_from_environment(env, expected_s):
 
 
 def test_watchdog_pings_only_while_healthy(notify_socket, caplog):
-    # given a pinger with a 0.2 s watchdog (pings every 0.1 s) and a health flag we control
+    # given a pinger on a real notify socket and a health flag we control (stepped by hand: no clock involved)
     path, sock, read_all = notify_socket
-    healthy = threading.Event()
-    healthy.set()
-    stop = threading.Event()
-    pinger = WatchdogPinger(Notifier({"NOTIFY_SOCKET": path}), lambda: (healthy.is_set(), "pipeline:lobby stalled 12 s"),
-                            stop, interval_s=0.2)
+    healthy = [True]
+    pinger = WatchdogPinger(Notifier({"NOTIFY_SOCKET": path}),
+                            lambda: (healthy[0], "pipeline:lobby stalled 12 s"), threading.Event(), interval_s=0.2)
     caplog.set_level(logging.INFO, logger="agecam.daemon.systemd")
+    # when it ticks healthy, stalled, then recovered
+    sent = []
+    for state in (True, True, True, False, False, False, True, True):
+        healthy[0] = state
+        sent.append(pinger.tick())
+    got = read_all(0.3)
+    # then exactly the healthy ticks pinged, in order, and nothing else arrived
+    assert sent == [True, True, True, False, False, False, True, True], f"pings per tick: {sent}"
+    assert got == ["WATCHDOG=1"] * 5 and pinger.pings == 5, f"datagrams: {got!r}"
+    messages = [r.getMessage() for r in caplog.records]
+    withheld = [m for m in messages if "withholding" in m]
+    assert len(withheld) == 1 and "stalled 12 s" in withheld[0], f"withholding should be logged once: {messages}"
+    assert sum("resumed" in m for m in messages) == 1, f"the recovery should be logged once: {messages}"
+    assert not pinger.withholding
+
+
+def test_watchdog_thread_pings_repeatedly_at_half_the_interval(notify_socket):
+    # given a started pinger thread with a 0.2 s watchdog (pings every 0.1 s)
+    path, _, read_all = notify_socket
+    stop = threading.Event()
+    pinger = WatchdogPinger(Notifier({"NOTIFY_SOCKET": path}), lambda: True, stop, interval_s=0.2)
+    assert pinger.period_s == pytest.approx(0.1), f"period {pinger.period_s} is not half the watchdog interval"
     assert pinger.start(), "pinger did not start although a watchdog interval was given"
     try:
-        # when healthy, then pings arrive
-        first = read_all(0.55)
-        assert first.count("WATCHDOG=1") >= 3, f"too few pings while healthy: {first!r}"
-        # when the pipeline stalls, then pings stop (one in flight may still land)
-        healthy.clear()
-        read_all(0.15)
-        stalled = read_all(0.6)
-        assert stalled == [], f"pings continued while unhealthy: {stalled!r}"
-        # when it recovers, then pings resume
-        healthy.set()
-        resumed = read_all(0.4)
-        assert resumed.count("WATCHDOG=1") >= 2, f"pings did not resume: {resumed!r}"
+        # when it runs, then pings keep coming (a real-time property: waited for, with a generous deadline)
+        got: list[str] = []
+        wait_for(lambda: got.extend(read_all(0.2)) or got.count("WATCHDOG=1") >= 3, 20, "3 pings from the thread")
     finally:
         stop.set()
-        assert pinger.join(2.0), "watchdog thread did not stop"
-    withheld = [r for r in caplog.records if "withholding" in r.getMessage()]
-    assert len(withheld) == 1 and "stalled 12 s" in withheld[0].getMessage(), \
-        f"withholding should be logged once with its reason: {[r.getMessage() for r in caplog.records]}"
+        assert pinger.join(5.0), "watchdog thread did not stop"
 
 
 def test_watchdog_treats_a_raising_health_check_as_unhealthy(notify_socket):
     # given a health check that raises
     path, _, read_all = notify_socket
-    stop = threading.Event()
 
     def broken() -> bool:
         raise RuntimeError("heartbeat table missing")
 
-    pinger = WatchdogPinger(Notifier({"NOTIFY_SOCKET": path}), broken, stop, interval_s=0.1)
-    pinger.start()
-    # when it runs, then no ping is sent
-    try:
-        assert read_all(0.4) == [], "a raising health check must not ping the watchdog"
-        assert pinger.withholding
-    finally:
-        stop.set()
-        pinger.join(2.0)
+    pinger = WatchdogPinger(Notifier({"NOTIFY_SOCKET": path}), broken, threading.Event(), interval_s=0.1)
+    # when it ticks, then no ping is sent and it is withholding
+    assert [pinger.tick() for _ in range(3)] == [False] * 3
+    assert pinger.withholding and pinger.pings == 0
+    assert read_all(0.2) == [], "a raising health check must not ping the watchdog"
 
 
 def test_watchdog_pinger_does_nothing_without_a_watchdog():

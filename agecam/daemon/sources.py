@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 
 from agecam.config import CameraConfig, secret_free
+from agecam.daemon.backoff import Backoff
 from agecam.daemon.slot import LatestSlot
 from agecam.daemon.types import Frame
 
@@ -329,7 +330,7 @@ class CaptureThread:
     # supervisor -------------------------------------------------------------------------------------------------
     def _run(self) -> None:
         cfg = self.cam
-        delay_s = cfg.reconnect_min_s
+        backoff = Backoff(cfg.reconnect_min_s, cfg.reconnect_max_s)
         attempts = 0
         while not self.stop_event.is_set():
             if attempts:
@@ -347,13 +348,13 @@ class CaptureThread:
                 log.info("camera %s ended: %s", cfg.name, reason)
                 return
             if got_frames:
-                delay_s = cfg.reconnect_min_s  # the source worked: start the backoff again
+                backoff.reset()  # the source worked: start the backoff again
             self._set_status("offline", reason)
+            delay_s = backoff.next_delay_s()
             log.debug("camera %s (%s): attempt %d failed (%s); retrying in %.2f s", cfg.name, self._source_text,
                       attempts, secret_free(reason), delay_s)
             if self.stop_event.wait(delay_s):
                 break
-            delay_s = min(delay_s * 2.0, cfg.reconnect_max_s)
         self._abandon_current()
 
     def _attempt(self) -> tuple[str, str, bool]:

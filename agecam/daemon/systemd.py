@@ -148,17 +148,24 @@ class WatchdogPinger:
             return bool(result[0]), str(result[1])
         return bool(result), "a pipeline stopped making progress"
 
+    def tick(self) -> bool:
+        """One step: ping when healthy, else withhold (logging each change once). True when a ping was sent."""
+        ok, why = self._check()
+        if not ok:
+            if not self.withholding:
+                log.error("withholding systemd watchdog pings: %s; systemd will restart the service if this lasts", why)
+                self.withholding = True
+            return False
+        if self.withholding:
+            log.warning("watchdog pings resumed: every pipeline is making progress again")
+            self.withholding = False
+        if self._notifier.watchdog():
+            self.pings += 1
+            return True
+        return False
+
     def _run(self) -> None:
         assert self.period_s is not None
         while not self._stop.is_set():
-            ok, why = self._check()
-            if ok:
-                if self.withholding:
-                    log.warning("watchdog pings resumed: every pipeline is making progress again")
-                    self.withholding = False
-                if self._notifier.watchdog():
-                    self.pings += 1
-            elif not self.withholding:
-                log.error("withholding systemd watchdog pings: %s; systemd will restart the service if this lasts", why)
-                self.withholding = True
+            self.tick()
             self._stop.wait(self.period_s)
