@@ -3,15 +3,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
+import dlib  # noqa: F401  (required: the reference chip is dlib's)
+import insightface
 import numpy as np
+import onnxruntime as ort
 import pytest
+import skimage.data as skdata
 
-cv2 = pytest.importorskip("cv2")
-dlib = pytest.importorskip("dlib")
-
-from agecam.config import AgeConfig, DetectorConfig, RuntimeConfig  # noqa: E402
-from agecam.daemon.age import AgeModel  # noqa: E402
-from agecam.daemon.detect import build_detector  # noqa: E402
+from agecam.config import AgeConfig, DetectorConfig, RuntimeConfig
+from agecam.daemon.age import AgeModel
+from agecam.daemon.detect import build_detector
+from tests.helpers import iou
 
 MAX_MEAN_ABS_DIFF_YEARS = 2.0
 MIN_FACE_PX = 60
@@ -19,8 +22,6 @@ MIN_FACE_PX = 60
 
 def sample_images() -> dict[str, np.ndarray]:
     """BGR sample images with real faces: insightface's t1.jpg and Tom Hanks (padded), scikit-image's astronaut."""
-    insightface = pytest.importorskip("insightface")
-    skdata = pytest.importorskip("skimage.data")
     d = Path(insightface.__file__).parent / "data" / "images"
     hanks = cv2.imread(str(d / "Tom_Hanks_54745.png"))
     return {
@@ -31,10 +32,17 @@ def sample_images() -> dict[str, np.ndarray]:
     }
 
 
-def _iou(a, b) -> float:
-    x1, y1, x2, y2 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+CYDRAL_MEAN_RGB = np.array([122.781998, 117.000999, 104.297997], np.float32)  # dlib-models' age predictor
+CYDRAL_BINS_YEARS = np.array([0.25] + list(range(1, 81)), np.float32)
+# the reference pipeline's ages of the sample faces (dlib chip -> model), as published with the model's measurements
+KNOWN_REFERENCE_YEARS = {"hanks": (39.5, 42.0), "astronaut": (32.0, 34.5)}
+
+
+def reference_years(session, chip_rgb: np.ndarray) -> float:
+    """The reference model's age of one dlib chip: (RGB - mean) / 256, NCHW, expectation over its 81 bins."""
+    x = ((chip_rgb.astype(np.float32) - CYDRAL_MEAN_RGB) / 256.0).transpose(2, 0, 1)[None]
+    probs = session.run(None, {"images": x})[0][0]
+    return float(probs @ CYDRAL_BINS_YEARS)
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +58,8 @@ def test_reference_model_ages_match_dlib_preprocessing(models):
     ours = AgeModel(paths.age, runtime, age_cfg, paths)
     detector = build_detector(DetectorConfig(min_face_px=20), runtime, paths)
     # and the reference preprocessing: dlib's detector, dlib's 5 points, dlib's own chip, the same model
+    # run by a plain onnxruntime session with the model's documented preprocessing, not by our runner
+    raw = ort.InferenceSession(str(paths.age), providers=["CPUExecutionProvider"])
     dlib_detector = dlib.get_frontal_face_detector()
     shape_predictor = dlib.shape_predictor(str(paths.shape5))
 
@@ -61,9 +71,9 @@ def test_reference_model_ages_match_dlib_preprocessing(models):
             if rect.width() < MIN_FACE_PX:
                 continue
             ref_chip = dlib.extract_image_chip(rgb, dlib.get_face_chip_details(shape_predictor(rgb, rect), 64, 0.2))
-            ref_years = float(ours.expected_years(ours.predict(ref_chip[None]))[0])
+            ref_years = reference_years(raw, ref_chip)
             box = (rect.left(), rect.top(), rect.right(), rect.bottom())
-            ious = [_iou(box, b) for b in dets.boxes_xyxy]
+            ious = [iou(box, b) for b in dets.boxes_xyxy]
             if not ious or max(ious) < 0.3:
                 unmatched.append(f"{name} {box} (reference {ref_years:.1f} y)")
                 continue
@@ -81,4 +91,8 @@ def test_reference_model_ages_match_dlib_preprocessing(models):
     print(summary)
     # then the faces are the expected ones and the ages agree on average within the bound
     assert len(rows) >= 7, f"expected the 6 t1 faces, Tom Hanks and the astronaut (>= 7 matched), got:\n{summary}"
+    for name, (lo, hi) in KNOWN_REFERENCE_YEARS.items():
+        got = [r[2] for r in rows if r[0] == name]
+        assert got and lo <= got[0] <= hi, f"reference age of {name} {got} is not the known {lo}-{hi} years"
+    assert np.ptp([r[2] for r in rows]) > 5, f"the faces' reference ages are too alike to test anything:\n{summary}"
     assert np.abs(diffs).mean() <= MAX_MEAN_ABS_DIFF_YEARS, f"ages drift from the reference pipeline:\n{summary}"

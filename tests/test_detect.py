@@ -12,15 +12,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from agecam.config import DetectorConfig, RuntimeConfig
 from agecam.daemon.detect import DetectorModelError, MtcnnDetector, ScrfdDetector, build_detector, nms
+from tests.helpers import iou
 
 RUNTIME = RuntimeConfig(intra_op_threads=1)
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 def match(found: np.ndarray, want: np.ndarray) -> list[float]:
@@ -132,12 +126,14 @@ def test_detector_is_safe_from_several_threads(mtcnn, t1_bgr, astronaut_bgr):
         t.start()
     for t in threads:
         t.join(60)
-    # then each gets exactly the serial answer
+    # then every thread finished and got exactly the serial answer
     assert not errors, errors
+    assert sorted(got) == [0, 1, 2, 3] and not any(t.is_alive() for t in threads), f"threads finished: {sorted(got)}"
+    serial_regions = {k: mtcnn.detect_regions(img, want[k].boxes_xyxy) for k, img in ((0, small), (1, astronaut_bgr))}
     for i, (full, reg) in got.items():
         ref = want[i % 2]
         assert np.array_equal(full.boxes_xyxy, ref.boxes_xyxy), f"thread {i}: full-frame result differs from serial"
-        assert len(reg) == len(ref), f"thread {i}: region result differs"
+        assert np.array_equal(reg.boxes_xyxy, serial_regions[i % 2].boxes_xyxy), f"thread {i}: region result differs"
 
 
 @pytest.mark.parametrize("method,expected", [("union", [0, 2]), ("min", [0])])
@@ -233,7 +229,8 @@ def test_scrfd_decoding_matches_hand_and_insightface(tmp_path, kps, batched):
     else:
         assert d.landmarks is None
     # and insightface's own SCRFD decodes the same file the same way
-    scrfd = pytest.importorskip("insightface.model_zoo.scrfd")
+    from insightface.model_zoo import scrfd  # required (make setup installs it): never a skip
+
     ref = scrfd.SCRFD(model_file=str(path), session=__import__("onnxruntime").InferenceSession(
         str(path), providers=["CPUExecutionProvider"]))
     ref.prepare(-1, det_thresh=0.5, nms_thresh=0.4)
@@ -252,8 +249,12 @@ def test_scrfd_min_face_and_regions(tmp_path):
     assert len(ScrfdDetector(path, RUNTIME, min_face_px=80).detect(img)) == 0
     # region search on a crop maps boxes back to image coordinates
     det = ScrfdDetector(path, RUNTIME, min_face_px=4)
-    d = det.detect_regions(img, np.float32([[40, 30, 60, 50]]))  # crop (20..80, 10..70): 60 px, scale 64/60
-    assert len(d) >= 1 and np.all(d.boxes_xyxy[:, :2] >= [20 - 1e-3, 10 - 1e-3]), d.boxes_xyxy.tolist()
+    d = det.detect_regions(img, np.float32([[40, 30, 60, 50]]))  # ROI grown to 2x: crop (30..70, 20..60), scale 64/40
+    boxes, _, _ = expected_planted(64 / 40)
+    want = boxes + np.float32([30, 20, 30, 20])  # the planted boxes, scaled to the crop and shifted to its origin
+    assert len(d) == 2, d.boxes_xyxy.tolist()
+    got = d.boxes_xyxy[np.lexsort((d.boxes_xyxy[:, 1], d.boxes_xyxy[:, 0]))]
+    assert np.allclose(got, want[np.lexsort((want[:, 1], want[:, 0]))], atol=1e-2), (got.tolist(), want.tolist())
 
 
 # ---- refusing unusable models at start-up --------------------------------------------------------------------

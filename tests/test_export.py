@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -13,11 +14,13 @@ from agecam.models.contract import ModelContractError, read_spec
 from tests.conftest import TRAIN_IMG_PX as IMG_PX  # the fixtures' training size
 
 
-# fixtures trained_checkpoint, exported_model and export_once live in tests/conftest.py (shared, run once)
+# fixtures trained_checkpoint, exported_model and export_once live in tests/conftest.py (shared, run once); they train
+# a ResNet50 on the CPU, so every test that uses them is marked slow
 
 
 # ---- export, parity, variants -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision, tolerance_years", [("fp32", 0.05), ("fp16", 0.5), ("int8", 3.0)])
 def test_export_matches_pytorch_on_real_faces(precision, tolerance_years, trained_checkpoint, export_once):
     # given a checkpoint trained for a few steps
@@ -43,7 +46,14 @@ def test_export_matches_pytorch_on_real_faces(precision, tolerance_years, traine
     ref = torch_probabilities(model, batch)
     p = checks.parity(ref, ort_probs, spec.bins_years, face_set.names)
     assert p.max_age_diff_years <= tolerance_years, f"{precision}: {p}"
-    np.testing.assert_allclose(ort_probs.sum(1), 1.0, atol=1e-3, err_msg="output rows are not distributions")
+    # (the faces' ages span decades: a graph that ignored its input could not agree on all of them)
+    ref_years = checks.expected_age_years(ref, spec.bins_years)
+    assert np.ptp(ref_years) > 4 * tolerance_years + 10, f"reference ages too alike to prove parity: {ref_years}"
+    # and the answers follow the faces: the batch reversed gives the same ages reversed
+    reversed_years = checks.expected_age_years(checks.run_session(checks.ort_session(path), batch[::-1].copy()),
+                                               spec.bins_years)[::-1]
+    np.testing.assert_allclose(reversed_years, checks.expected_age_years(ort_probs, spec.bins_years), atol=1e-3,
+                               err_msg="ages do not follow the faces through the batch")
     # and a dynamic batch: one face alone gives the same answer as in the batch
     single = checks.run_session(checks.ort_session(path), batch[3:4])
     assert np.abs(single - ort_probs[3:4]).max() < 1e-4, "batch of 1 differs from the same face in a batch of 8"
@@ -55,9 +65,12 @@ def test_export_matches_pytorch_on_real_faces(precision, tolerance_years, traine
     if precision != "fp32":
         assert "change" in printed and "fp32" in printed, printed
         held = json.loads(spec.extra["export"])["heldout"]
-        assert held["labelled"] and "mae_change_vs_fp32_years" in held, f"held-out figures missing: {held}"
+        change = held.get("mae_change_vs_fp32_years")
+        assert held["labelled"] and change is not None and np.isfinite(change), f"held-out figures missing: {held}"
+        assert abs(change) <= 2 * tolerance_years, f"{precision} held-out MAE moved {change} years against fp32"
 
 
+@pytest.mark.slow
 def test_export_refuses_disagreement_and_leaves_no_file(trained_checkpoint, tmp_path, capsys):
     # given a tolerance no fp16 conversion can meet
     from agecam.cli import main
@@ -86,6 +99,7 @@ def test_cli_registration_does_not_import_torch():
     assert res.stdout.strip() == "False", "building the CLI parser imported torch (register() must not)"
 
 
+@pytest.mark.slow
 def test_preprocessing_matches_training(trained_checkpoint):
     # given the training's own preprocessing of image files (what evaluation feeds the model)
     from agecam.export.onnx_export import spec_from_checkpoint
@@ -126,11 +140,23 @@ def test_checkpoint_without_a_usable_contract_is_refused(case, change, expected)
     assert expected in str(exc.value), f"{case}: {exc.value}"
 
 
-def test_packaged_faces_are_real_face_crops():
-    # given the sample images installed with insightface and scikit-image / when cropped / then 8 square faces
+def test_packaged_faces_are_real_face_crops(default_models):
+    # given the sample images installed with insightface and scikit-image, when cropped, then 8 square RGB crops
+    from agecam.config import DetectorConfig, RuntimeConfig
+    from agecam.daemon.detect import build_detector
+
     fs = faces.packaged_faces()
     assert len(fs) == 8, f"expected 8 packaged faces, found {len(fs)}: {fs.names}"
     assert all(im.ndim == 3 and im.shape[0] == im.shape[1] >= 90 for im in fs.images), [im.shape for im in fs.images]
+    # and the real detector finds one face filling each crop
+    det = build_detector(DetectorConfig(min_face_px=20), RuntimeConfig(intra_op_threads=1), default_models)
+    for name, im in zip(fs.names, fs.images):
+        bgr = np.ascontiguousarray(im[:, :, ::-1])  # the crops are RGB, the detector reads BGR
+        padded = cv2.copyMakeBorder(bgr, *(im.shape[0] // 4,) * 4, cv2.BORDER_CONSTANT)  # room for the whole head
+        d = det.detect(padded)
+        assert len(d) >= 1, f"{name}: no face found in the crop"
+        x1, y1, x2, y2 = d.boxes_xyxy[int(np.argmax(d.scores))]
+        assert (x2 - x1) * (y2 - y1) > 0.3 * im.shape[0] * im.shape[1], f"{name}: the face fills too little of the crop"
 
 
 # ---- contract refusals -------------------------------------------------------------------------------------------
@@ -169,6 +195,7 @@ def _input_fp16(m):
     ("colour order", _md_set("agecam.color_order", "RGBA"), ["color_order must be 'RGB' or 'BGR'", "'RGBA'"]),
     ("input dtype", _input_fp16, ["expected a float32 input 'images'", "float16"]),
 ])
+@pytest.mark.slow
 def test_contradictory_or_missing_metadata_is_refused(case, edit, expected_words, exported_model, tmp_path):
     # given an exported model whose metadata or graph was altered
     import onnx
@@ -211,8 +238,7 @@ def test_daemon_age_model_runs_exported_file(precision, export_once):
     # then its ages are the ones onnxruntime gives directly for the same chips
     direct = checks.run_session(checks.ort_session(path), faces.preprocess(list(chips), spec))
     direct_years = checks.expected_age_years(direct, spec.bins_years)
-    assert probs.shape == (len(chips), len(spec.bins_years)), f"output shape {probs.shape}"
     # (the daemon normalises with x * (1/std), the check with x / std: float rounding that fp16/int8 amplify)
     tol = {"fp32": 1e-3, "fp16": 0.02, "int8": 0.05}[precision]
     assert np.abs(years - direct_years).max() < tol, f"daemon ages {years} differ from ORT direct {direct_years}"
-    assert np.all((years >= spec.bins_years[0]) & (years <= spec.bins_years[-1])), f"ages out of bin range: {years}"
+    assert np.ptp(direct_years) > 100 * tol + 5, f"the faces' ages are too alike to tell chips apart: {direct_years}"

@@ -5,7 +5,7 @@ import pytest
 
 from agecam.config import parse
 from agecam.daemon.app import App
-from tests.test_daemon_e2e import Subscriber, free_port
+from tests.helpers import Subscriber, free_port
 
 pytestmark = pytest.mark.slow
 PLANTED_AGE_YEARS = 87.0
@@ -48,7 +48,8 @@ def test_daemon_publishes_ages_from_the_exported_model(planted_model, models_dir
         deadline = time.monotonic() + 60
         while not app.all_ended() and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert app._age_model.spec.input_size_hw == (64, 64), "the daemon did not load the exported model"
+        assert app._age_model.path == planted_model and len(app._age_model.bins_years) == 100, \
+            "the daemon did not load the exported model (the reference has 81 bins)"
     finally:
         app.stop()
         sub.close()

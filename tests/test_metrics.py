@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 import socket
 import subprocess
 import urllib.request
@@ -11,6 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agecam.daemon.metrics import STAGES, Metrics
+from tests.helpers import need_tool
 
 
 def _scrape(port: int, host: str = "127.0.0.1") -> str:
@@ -59,13 +59,13 @@ def test_scrape_over_http_returns_the_recorded_values(served):
     assert build["providers"] == "CPUExecutionProvider" and build["onnxruntime"] != "", build
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool missing (Debian package prometheus)")
 def test_promtool_check_metrics_reports_nothing(served):
     # given a real scrape
+    promtool = need_tool("promtool")
     _, server = served
     text = _scrape(server.port)
     # when promtool lints it
-    res = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    res = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
     # then it has nothing to say
     assert res.returncode == 0 and not (res.stdout + res.stderr).strip(), \
         f"promtool complained (rc {res.returncode}):\n{res.stdout}{res.stderr}"

@@ -1,7 +1,6 @@
 """Tracker ID lifecycle, driven by a scripted detector (fixed boxes at chosen times)."""
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -245,19 +244,6 @@ def test_iou_matrix_values():
     b = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30]], np.float32)
     got = iou_matrix(a, b)
     assert got == pytest.approx(np.array([[1, 1 / 3, 0], [0, 0, 0]])), f"IoU matrix {got}"
-
-
-def test_update_is_fast():
-    # given 6 faces per frame (a busy camera)
-    tracker = Tracker(TrackerConfig())
-    frames = [dets(*[(80 + 90 * k + 2 * i, 200 + 3 * k, 0.9) for k in range(6)]) for i in range(150)]
-    # when 150 frames are tracked
-    t0 = time.perf_counter()
-    for i, d in enumerate(frames):
-        tracker.update(d, i / 15)
-    per_update_us = (time.perf_counter() - t0) / len(frames) * 1e6
-    # then an update costs well under a millisecond (4 cameras x 15 fps need 60 per second)
-    assert per_update_us < 2000, f"tracker update took {per_update_us:.0f} us for 6 faces"
 
 
 def test_ended_track_reports_its_last_seen_box_not_a_prediction():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 
+import cv2
 import numpy as np
 import pytest
 
@@ -12,6 +13,7 @@ from agecam.training.eda import PLOTS, run_eda
 from agecam.training.names import BadName, FaceRecord, age_band, parse_name
 from agecam.training.split import band_shares, make_split, read_split_csv, run_split
 from agecam.training.synth import draw_face, make_utkface_like
+from tests.helpers import not_uniform
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -113,11 +115,17 @@ def test_eda_and_split_write_their_files(planted, tmp_path):
     res = scan(planted["dir"])
     summary = run_eda(planted["dir"], tmp_path / "eda", clean=res, samples_per_band=3)
     sp = run_split(planted["dir"], tmp_path / "split", seed=1, clean=res)
-    # then every plot and report exists and is not empty
-    for name in (*PLOTS, "cleaning_report.csv", "cleaning_report.json", "eda_summary.md", "eda_summary.json"):
-        assert (tmp_path / "eda" / name).stat().st_size > 100, f"EDA did not write {name}"
-    for name in ("split.csv", "split_hist.png", "split_summary.json", "cleaning_report.csv"):
-        assert (tmp_path / "split" / name).stat().st_size > 100, f"split did not write {name}"
+    # then every plot has something drawn on it, and every report reads back
+    for png in [tmp_path / "eda" / n for n in PLOTS if n.endswith(".png")] + [tmp_path / "split" / "split_hist.png"]:
+        assert not_uniform(cv2.imread(str(png))), f"{png.name} is missing or blank"
+    for folder in (tmp_path / "eda", tmp_path / "split"):
+        with (folder / "cleaning_report.csv").open() as f:
+            report = {r["file"]: r["reason"] for r in csv.DictReader(f)}
+        assert report == planted["planted"], f"{folder.name}/cleaning_report.csv does not list the excluded files"
+    assert json.loads((tmp_path / "eda" / "cleaning_report.json").read_text())["n_excluded"] == len(planted["planted"])
+    assert json.loads((tmp_path / "eda" / "eda_summary.json").read_text())["n_kept"] == len(planted["clean"])
+    assert sum(json.loads((tmp_path / "split" / "split_summary.json").read_text())["counts"].values()) == \
+        len(planted["clean"]), "split_summary.json counts differ from the kept files"
     md = (tmp_path / "eda" / "eda_summary.md").read_text()
     assert f"**{len(planted['clean'])} kept**" in md and "near_duplicate | 1" in md, md[:400]
     assert summary["n_kept"] == len(planted["clean"])

@@ -4,32 +4,44 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
-from agecam.training import model as M  # noqa: E402
-from agecam.training.data import FaceDataset, Preprocessing, normalize, preprocessed_batches  # noqa: E402
-from agecam.training.evaluate import compute_metrics  # noqa: E402
-from agecam.training.synth import make_utkface_like  # noqa: E402
+from agecam.training import model as M
+from agecam.training.data import FaceDataset, Preprocessing, normalize, preprocessed_batches
+from agecam.training.evaluate import compute_metrics
+from agecam.training.synth import make_utkface_like
 
 BINS = torch.tensor(M.BINS_YEARS)
 
 
-def test_build_model_gives_100_logits_and_expected_age_in_range():
-    # given a from-scratch model; when fed a small batch
+def test_build_model_gives_100_logits_that_depend_on_the_image():
+    # given a from-scratch model; when fed two different images
     net = M.build_model(log=lambda *_: None).eval()
     with torch.no_grad():
-        logits = net(torch.randn(2, 3, 64, 64))
-    # then it returns 100 logits per image and the expectation lies within the bins
+        logits = net(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
+    # then it returns 100 logits per image, and they differ between the images
     assert logits.shape == (2, 100), f"logits shape {tuple(logits.shape)}"
-    age = M.expected_age(logits, M.BINS_YEARS)
-    assert ((age >= 1) & (age <= 100)).all(), f"expected ages {age}"
+    assert not torch.allclose(logits[0], logits[1]), "the logits do not depend on the input"
+
+
+@pytest.mark.parametrize("logits, expected_years", [
+    (np.zeros(100), 50.5),  # uniform over 1..100
+    (100.0 * np.eye(100)[34], 35.0),  # all mass on bin 35
+    (np.log(np.eye(100)[[9, 29]].sum(0) + 1e-30), 20.0),  # half on 10, half on 30
+])
+def test_expected_age_is_the_expectation_over_the_bins(logits, expected_years):
+    # given planted logits, when read as an age, then the age is the expectation of the bins under their softmax
+    age = M.expected_age(torch.tensor(logits, dtype=torch.float32)[None], M.BINS_YEARS)
+    assert float(age[0]) == pytest.approx(expected_years, abs=1e-3), f"age {float(age[0])}, expected {expected_years}"
 
 
 @pytest.mark.parametrize("true_years, expected_peak", [(1.0, 1.0), (35.0, 35.0), (100.0, 100.0), (116.0, 100.0)])
 def test_soft_labels_peak_at_clipped_age(true_years, expected_peak):
     # given a true age; when turned into a soft label; then it sums to 1 and peaks at the clipped age
     q = M.soft_labels(torch.tensor([true_years]), BINS, 2.0)[0]
-    assert abs(float(q.sum()) - 1) < 1e-5
+    peak = min(max(true_years, 1.0), 100.0)
+    want = np.exp(-((np.arange(1, 101) - peak) ** 2) / (2 * 2.0 ** 2))
+    np.testing.assert_allclose(q.numpy(), want / want.sum(), atol=1e-6, err_msg="not a Gaussian of sigma 2 at the age")
     assert float(BINS[q.argmax()]) == expected_peak, f"peak at {float(BINS[q.argmax()])}"
 
 

@@ -1,7 +1,7 @@
 """Plain records passed between daemon stages."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
