@@ -25,9 +25,7 @@ def _fake_checkpoint(img_px: int):
     from agecam.training import model as M
 
     net = M.build_model(M.NUM_CLASSES, weights=None, log=lambda *_: None).eval()
-    return {"format": M.CKPT_FORMAT, "arch": M.ARCH, "num_classes": M.NUM_CLASSES, "bins_years": M.BINS_YEARS,
-            "img_size": img_px, "color_order": "RGB", "mean": M.MEAN_PX, "std": M.STD_PX,
-            "chip": {"kind": "similarity5", "template_unit": M.CHIP_TEMPLATE_UNIT}, "model": net.state_dict(),
+    return {**M.checkpoint_meta(img_px).as_dict(), "model": net.state_dict(),
             "epoch": 0, "data": {"name": "random-init"}, "created_utc": "bench"}, net
 
 

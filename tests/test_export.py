@@ -128,9 +128,7 @@ def test_checkpoint_without_a_usable_contract_is_refused(case, change, expected)
     from agecam.export.onnx_export import spec_from_checkpoint
     from agecam.training import model as M
 
-    ckpt = {"format": M.CKPT_FORMAT, "arch": M.ARCH, "bins_years": M.BINS_YEARS, "img_size": IMG_PX,
-            "color_order": "RGB", "mean": M.MEAN_PX, "std": M.STD_PX, "model": {},
-            "chip": {"kind": "similarity5", "template_unit": M.CHIP_TEMPLATE_UNIT}}
+    ckpt = {**M.checkpoint_meta(IMG_PX).as_dict(), "model": {}}
     ckpt.update({k: v for k, v in change.items() if v is not None})
     for k in [k for k, v in change.items() if v is None]:
         del ckpt[k]
@@ -242,3 +240,12 @@ def test_daemon_age_model_runs_exported_file(precision, export_once):
     tol = {"fp32": 1e-3, "fp16": 0.02, "int8": 0.05}[precision]
     assert np.abs(years - direct_years).max() < tol, f"daemon ages {years} differ from ORT direct {direct_years}"
     assert np.ptp(direct_years) > 100 * tol + 5, f"the faces' ages are too alike to tell chips apart: {direct_years}"
+
+
+def test_checkpoint_meta_round_trips_what_training_writes():
+    # given the meta training writes into every checkpoint, when read back as export reads it, then it is the same
+    from agecam.models.checkpoint import CheckpointMeta
+    from agecam.training import model as M
+
+    meta = M.checkpoint_meta(IMG_PX)
+    assert CheckpointMeta.from_checkpoint({**meta.as_dict(), "model": {}}) == meta

@@ -1,7 +1,6 @@
 """PyTorch checkpoint -> fp32 ONNX: softmax in the graph, dynamic batch, the agecam contract in metadata_props."""
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -9,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agecam.models.contract import LANDMARK_NAMES, AgeModelSpec, ChipSpec, write_metadata
+from agecam.models.checkpoint import CheckpointMeta
+from agecam.models.contract import AgeModelSpec, ChipSpec, write_metadata
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
@@ -37,14 +37,6 @@ def load_checkpoint(path: str | Path):
     return load(str(path), map_location="cpu")
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _json_safe(value):
     """The value as something json.dumps accepts (tensors and numpy scalars become numbers/lists)."""
     return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
@@ -52,23 +44,15 @@ def _json_safe(value):
 
 def spec_from_checkpoint(ckpt: dict, precision: str = "fp32", checkpoint_sha256: str = "") -> AgeModelSpec:
     """The contract of a model exported from `ckpt` (agecam.ckpt/v1): preprocessing, chip, bins, provenance."""
-    if ckpt.get("format") != "agecam.ckpt/v1":
-        raise ValueError(f"checkpoint format: expected 'agecam.ckpt/v1', found {ckpt.get('format')!r}")
-    missing = [k for k in ("arch", "bins_years", "img_size", "color_order", "mean", "std", "chip", "model")
-               if k not in ckpt]
-    if missing:
-        raise ValueError(f"checkpoint is missing {missing}")
+    meta = CheckpointMeta.from_checkpoint(ckpt)
     data = ckpt.get("data") or {}
-    name = ckpt.get("name") or f"{ckpt['arch']}-{str(data.get('name', 'custom')).lower()}"
+    name = ckpt.get("name") or f"{meta.arch}-{str(data.get('name', 'custom')).lower()}"
     stamp = str(ckpt.get("created_utc", "")).replace(":", "").replace("-", "")
     version = ckpt.get("version") or f"{stamp or 'unknown'}-e{ckpt.get('epoch', 0)}"
-    size = ckpt["img_size"]
-    size_hw = (int(size), int(size)) if np.isscalar(size) else tuple(int(s) for s in size)
-    chip = ckpt["chip"]
     split = ckpt.get("split") or {}
     extra = {
         "precision": precision,
-        "arch": ckpt["arch"],
+        "arch": meta.arch,
         "training_data": _json_safe(data),
         "metrics": _json_safe(ckpt.get("metrics", {})),
         "best_val_mae_years": _json_safe(ckpt.get("best_val_mae")),
@@ -82,12 +66,10 @@ def spec_from_checkpoint(ckpt: dict, precision: str = "fp32", checkpoint_sha256:
     }
     spec = AgeModelSpec(
         name=str(name), version=str(version), input_name=INPUT_NAME, output_name=OUTPUT_NAME,
-        output_kind="probabilities", input_size_hw=size_hw, color_order=str(ckpt["color_order"]),
-        mean=tuple(float(m) for m in ckpt["mean"]), std=tuple(float(s) for s in ckpt["std"]),
-        chip=ChipSpec(kind=chip.get("kind", ""),
-                      template_unit=tuple(tuple(float(c) for c in p) for p in chip.get("template_unit", ())),
-                      landmarks=tuple(chip.get("landmarks", LANDMARK_NAMES))),
-        bins_years=tuple(float(b) for b in ckpt["bins_years"]), extra=extra,
+        output_kind="probabilities", input_size_hw=(meta.img_size, meta.img_size), color_order=meta.color_order,
+        mean=meta.mean, std=meta.std,
+        chip=ChipSpec(kind=meta.chip_kind, template_unit=meta.chip_template_unit, landmarks=meta.chip_landmarks),
+        bins_years=meta.bins_years, extra=extra,
     )
     spec.validate("checkpoint")
     return spec

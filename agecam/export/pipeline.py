@@ -13,6 +13,7 @@ import numpy as np
 
 from agecam.export import checks, faces
 from agecam.export.checks import DEFAULT_TOLERANCE_YEARS, ExportCheckError
+from agecam.files import file_sha256
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -36,7 +37,7 @@ def _split_names(ckpt: dict, part: str, checkpoint_path: Path) -> list[str] | No
     The split file is looked for where the checkpoint says, then beside the checkpoint; a file whose sha256
     differs from the checkpoint's record is not used (it is another split).
     """
-    from agecam.training.split import file_sha256, read_split_csv
+    from agecam.training.split import read_split_csv
 
     info = ckpt.get("split") or {}
     split_file = info.get("file")
@@ -102,7 +103,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, precision: str = 
     tol = DEFAULT_TOLERANCE_YEARS[precision] if tolerance_years is None else float(tolerance_years)
     checkpoint, out = Path(checkpoint), Path(out)
     model, ckpt = onnx_export.load_checkpoint(checkpoint)
-    spec = onnx_export.spec_from_checkpoint(ckpt, precision, onnx_export.file_sha256(checkpoint))
+    spec = onnx_export.spec_from_checkpoint(ckpt, precision, file_sha256(checkpoint))
     bins = spec.bins_years
     calib, heldout, parity_faces = _choose_sets(ckpt, checkpoint, calib_data, eval_data, calib_count, eval_max, log,
                                                  need_calib=precision == "int8")

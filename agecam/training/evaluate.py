@@ -11,7 +11,8 @@ import torch
 from agecam.training import model as M
 from agecam.training.data import FaceDataset, Preprocessing, make_loader, normalize
 from agecam.training.names import AGE_BANDS_YEARS, GENDERS, RACES, age_band, band_label
-from agecam.training.split import file_sha256, read_split_csv
+from agecam.files import file_sha256
+from agecam.training.split import read_split_csv
 
 METRIC_KEYS = ("n", "mae_years", "cs5", "exact_acc", "pm1_acc", "argmax_exact_acc", "coverage90",
                "mean_interval90_width_years", "mean_std_years", "baseline_mae_years", "mae_by_age_band",

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CKPT_FORMAT = "agecam.ckpt/v1"
+from agecam.models.checkpoint import CheckpointMeta
+
 ARCH = "resnet50"
 NUM_CLASSES = 100
 BINS_YEARS = [float(a) for a in range(1, NUM_CLASSES + 1)]  # class k means age k+1 years; older ages clip to 100
@@ -18,6 +19,14 @@ STD_PX = [58.395, 57.12, 57.375]
 # size 200, padding 0.2); these points are that geometry measured for MTCNN-style points (eye centres, nose tip,
 # mouth corners) on real faces (see FACTS.md, "Building the Cydral chip"), made left-right symmetric.
 CHIP_TEMPLATE_UNIT = [[0.306, 0.272], [0.694, 0.272], [0.500, 0.541], [0.326, 0.694], [0.674, 0.694]]
+
+
+def checkpoint_meta(img_size: int) -> CheckpointMeta:
+    """What every checkpoint of this model records about its input and output (CKPT_FORMAT)."""
+    return CheckpointMeta(arch=ARCH, num_classes=NUM_CLASSES, bins_years=tuple(BINS_YEARS), img_size=int(img_size),
+                          color_order="RGB", mean=tuple(MEAN_PX), std=tuple(STD_PX),
+                          chip_template_unit=tuple(tuple(p) for p in CHIP_TEMPLATE_UNIT),
+                          chip_note="UTKFace 200x200 chips = dlib get_face_chip_details(size=200, padding=0.2)")
 
 
 class WeightsError(RuntimeError):
@@ -132,12 +141,13 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> tuple[nn.Module, di
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"checkpoint {path}: expected format {CKPT_FORMAT!r}, found {found!r}")
-    if ckpt.get("arch") != ARCH:
-        raise ValueError(f"checkpoint {path}: arch {ckpt.get('arch')!r} is not supported (only {ARCH!r})")
-    model = build_model(int(ckpt["num_classes"]), weights=None, log=lambda *_: None)
+    try:
+        meta = CheckpointMeta.from_checkpoint(ckpt)
+    except ValueError as exc:
+        raise ValueError(f"checkpoint {path}: {exc}") from None
+    if meta.arch != ARCH:
+        raise ValueError(f"checkpoint {path}: arch {meta.arch!r} is not supported (only {ARCH!r})")
+    model = build_model(meta.num_classes, weights=None, log=lambda *_: None)
     model.load_state_dict(ckpt["model"])
     model.eval()
     return model, ckpt

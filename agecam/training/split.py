@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
+from agecam.files import file_sha256
 from agecam.training.names import AGE_BANDS_YEARS, FaceRecord, age_band, band_label
 
 SPLITS = ("train", "val", "test")
@@ -95,11 +95,6 @@ def read_split_csv(path: str | Path, data_dir: str | Path | None = None) -> list
             raise FileNotFoundError(f"split file {path}: {len(missing)} of {len(rows)} files are not in {data_dir} "
                                     f"(first: {missing[:3]}); is --data the folder the split was made from?")
     return rows
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def band_shares(rows: Sequence[SplitRow]) -> dict[str, dict[str, float]]:

@@ -18,7 +18,8 @@ from torch import nn
 
 from agecam.training import model as M
 from agecam.training.data import FaceDataset, Preprocessing, make_loader, normalize
-from agecam.training.split import file_sha256, read_split_csv, run_split, split_counts
+from agecam.files import file_sha256
+from agecam.training.split import read_split_csv, run_split, split_counts
 
 LOG_FIELDS = ["epoch", "step", "lr", "train_loss", "train_mae", "val_loss", "val_mae", "epoch_s", "train_img_per_s"]
 
@@ -341,11 +342,7 @@ def _progress(loader, total: int, desc: str, enabled: bool):
 def _checkpoint(net, opt, sched, scaler, cfg, epoch, best, since_best, row, split_info, data_info) -> dict:
     args = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
     return {
-        "format": M.CKPT_FORMAT, "arch": M.ARCH, "num_classes": M.NUM_CLASSES, "bins_years": list(M.BINS_YEARS),
-        "img_size": cfg.img_size, "color_order": "RGB", "mean": list(M.MEAN_PX), "std": list(M.STD_PX),
-        "chip": {"kind": "similarity5", "template_unit": [list(p) for p in M.CHIP_TEMPLATE_UNIT],
-                 "landmarks": ["left_eye", "right_eye", "nose", "mouth_left", "mouth_right"],
-                 "note": "UTKFace 200x200 chips = dlib get_face_chip_details(size=200, padding=0.2)"},
+        **M.checkpoint_meta(cfg.img_size).as_dict(),
         "model": M.plain_state_dict(net), "epoch": epoch, "best_val_mae": best, "epochs_since_best": since_best,
         "metrics": {k: float(v) for k, v in row.items()}, "split": split_info, "train_args": args,
         "data": data_info, "loss": {"kind": "soft_label_ce+l1", "sigma_years": cfg.sigma_years,
