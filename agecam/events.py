@@ -6,14 +6,26 @@ import json
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # the public event module depends on nothing in the daemon at run time
-    from agecam.daemon.types import AgeEstimate
 
 SCHEMA_VERSION = "agecam.event/v1"
 TRACK_TYPES = ("track.start", "track.update", "track.end")
 CAMERA_STATUS = "camera.status"
+
+
+@dataclass(frozen=True)
+class AgeEstimate:
+    """A fused age: mean years, spread, a central interval and how many samples made it."""
+
+    years: float
+    std: float
+    low: float
+    high: float
+    samples: int
+    stable: bool
+
+    def as_dict(self) -> dict:
+        return {"years": round(self.years, 2), "std": round(self.std, 2), "low": round(self.low, 2),
+                "high": round(self.high, 2), "samples": self.samples, "stable": self.stable}
 
 
 class EventFactory:
@@ -31,7 +43,7 @@ class EventFactory:
                 "camera": camera, "ts": round(ts, 3)}
 
     def track(self, type_: str, camera: str, ts: float, track_id: int, box_xyxy, det_score: float,
-              age: "AgeEstimate | None", first_seen: float, last_seen: float) -> dict:
+              age: AgeEstimate | None, first_seen: float, last_seen: float) -> dict:
         """A track.start / track.update / track.end event."""
         assert type_ in TRACK_TYPES, type_
         ev = self._base(type_, camera, ts)
@@ -69,7 +81,7 @@ class UpdatePolicy:
     min_delta_years: float
     max_interval_s: float
 
-    def due(self, last_sent_years: float | None, last_sent_ts: float, age: "AgeEstimate | None", now_s: float) -> bool:
+    def due(self, last_sent_years: float | None, last_sent_ts: float, age: AgeEstimate | None, now_s: float) -> bool:
         if age is None:
             return now_s - last_sent_ts >= self.max_interval_s
         if last_sent_years is None:

@@ -11,7 +11,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from agecam.config import DetectorConfig, RuntimeConfig
-from agecam.daemon.detect import DetectorModelError, MtcnnDetector, ScrfdDetector, build_detector, nms
+from agecam.daemon.detect import DetectorModelError, build_detector, nms
+from agecam.daemon.mtcnn import MtcnnDetector
+from agecam.daemon.scrfd import ScrfdDetector
 from tests.helpers import iou
 
 RUNTIME = RuntimeConfig(intra_op_threads=1)

@@ -5,7 +5,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from agecam.daemon.types import AgeEstimate
+from agecam.events import AgeEstimate
 from agecam.events import EventFactory, UpdatePolicy, encode
 
 SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "schemas" / "event.v1.json").read_text())

@@ -24,14 +24,15 @@ def _scrape(port: int, host: str = "127.0.0.1") -> str:
 def served():
     """Metrics for two cameras with some activity, served on a free loopback port."""
     m = Metrics(["lobby", "door"])
-    m.frames_captured_total.labels(camera="lobby").inc(25)
-    m.frames_processed_total.labels(camera="lobby").inc(20)
-    m.frames_dropped_total.labels(camera="lobby", stage="capture").inc(5)
-    m.faces_detected_total.labels(camera="lobby").inc(7)
-    m.stage_duration_seconds.labels(stage="detect").observe(0.08)
-    m.age_batch_size.observe(3)
-    m.events_published_total.labels(type="track.start").inc()
-    m.camera_up.labels(camera="lobby").set(1)
+    for _ in range(25):
+        m.frame_captured("lobby")
+    for i in range(20):
+        m.frame_processed("lobby", faces=1 if i < 7 else 0, wait_s=0.01, detect_s=0.08, track_s=0.001)
+    for _ in range(5):
+        m.frame_dropped("lobby", "capture")
+    m.age_batch(["lobby", "lobby", "door"], 0.02)
+    m.event_published("track.start", 0.0001, 0.05)
+    m.camera_up("lobby", True)
     m.set_model_info(detector_kind="mtcnn", detector_model="default", age_model="cydral-age", age_version="1",
                      age_sha256="0123456789abcdef0123")
     m.set_build_info(providers=["CPUExecutionProvider"])
@@ -52,7 +53,10 @@ def test_scrape_over_http_returns_the_recorded_values(served):
     assert samples[("agecam_frames_dropped_total", (("camera", "lobby"), ("stage", "capture")))] == 5
     assert samples[("agecam_camera_up", (("camera", "lobby"),))] == 1
     assert samples[("agecam_camera_up", (("camera", "door"),))] == 0, "an idle camera's series must exist at 0"
-    assert samples[("agecam_stage_duration_seconds_count", (("stage", "detect"),))] == 1
+    assert samples[("agecam_stage_duration_seconds_count", (("stage", "detect"),))] == 20
+    assert samples[("agecam_faces_detected_total", (("camera", "lobby"),))] == 7
+    assert samples[("agecam_age_samples_total", (("camera", "lobby"),))] == 2
+    assert samples[("agecam_age_batch_size_sum", ())] == 3
     info = [k for k in samples if k[0] == "agecam_model_info"]
     assert info and dict(info[0][1])["age_sha256"] == "0123456789ab", f"sha256 not shortened to 12: {info}"
     build = dict([k for k in samples if k[0] == "agecam_build_info"][0][1])
@@ -165,3 +169,28 @@ def test_bad_bind_is_refused(bind):
     # given a malformed bind, when served, then it is refused with the expected form
     with pytest.raises(ValueError, match="HOST:PORT"):
         Metrics([]).serve(bind)
+
+
+def test_the_null_metrics_offer_the_same_interface():
+    # given the no-op default and the real metrics, then every recording method exists on both with one signature
+    import inspect
+
+    from agecam.daemon.metrics import NullMetrics
+
+    names = [n for n, f in inspect.getmembers(NullMetrics, inspect.isfunction) if not n.startswith("_")]
+    assert {"frame_captured", "frame_dropped", "event_published", "event_dropped", "camera_up"} <= set(names)
+    for n in names:
+        assert inspect.signature(getattr(NullMetrics, n)) == inspect.signature(getattr(Metrics, n)), n
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: m.stage_time("decode", 0.1),
+    lambda m: m.frame_dropped("lobby", "nowhere"),
+    lambda m: m.event_dropped("lost"),
+    lambda m: m.event_published("track.moved", 0.0, None),
+])
+def test_label_values_outside_the_vocabulary_are_refused(call):
+    # given the fixed vocabularies (stages, drop stages, reasons, event types), when a call site uses another
+    # value, then it fails at once instead of creating a new series
+    with pytest.raises(KeyError):
+        call(Metrics(["lobby"]))

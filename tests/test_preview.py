@@ -13,10 +13,13 @@ import numpy as np
 import pytest
 
 from agecam.config import PreviewConfig
-from agecam.daemon.annotate import NO_AGE_BGR, STABLE_BGR, TENTATIVE_BGR, UNSTABLE_BGR
+from agecam.daemon.annotate import NO_AGE_BGR, STABLE_BGR, TENTATIVE_BGR, UNSTABLE_BGR, TrackView, annotate
+from agecam.daemon.health import CameraHealth, HealthReport
+from agecam.daemon.hub import PreviewHub
 from agecam.daemon.metrics import Metrics
-from agecam.daemon.preview import PreviewHub, PreviewServer, Recorder, TrackView, annotate
-from agecam.daemon.types import AgeEstimate
+from agecam.daemon.preview import PreviewServer
+from agecam.daemon.record import Recorder
+from agecam.events import AgeEstimate
 
 STABLE = AgeEstimate(34.2, 3.1, 29.0, 39.5, 12, True)
 UNSTABLE = AgeEstimate(27.6, 6.4, 20.0, 35.0, 3, False)
@@ -156,12 +159,18 @@ def test_hub_wait_returns_newer_frames_and_times_out():
 
 # ---------------------------------------------------------------- server
 
-class _Health:
-    def __init__(self):
-        self.cams = {"lobby": {"status": "online"}, "door": {"status": "ended"}}
+def _camera(status: str) -> CameraHealth:
+    return CameraHealth(status=status, reason="", since_s=1.0, reconnects=0, fps=12.5, tracks=1, last_frame_age_s=0.1)
 
-    def __call__(self) -> dict:
-        return {"status": "ignored", "cameras": self.cams}
+
+class _Health:
+    """The App's health() for the server: camera name -> status, set by the test."""
+
+    def __init__(self):
+        self.cams = {"lobby": "online", "door": "ended"}
+
+    def __call__(self) -> HealthReport:
+        return HealthReport({name: _camera(status) for name, status in self.cams.items()})
 
 
 @pytest.fixture
@@ -212,11 +221,10 @@ def test_routes_answer_with_real_http(server_factory):
 
 
 @pytest.mark.parametrize("cams, expected", [
-    ({"lobby": {"status": "online"}, "door": {"status": "ended"}}, 200),
-    ({"lobby": {"status": "online"}, "door": {"status": "offline"}}, 503),
-    ({"lobby": {"status": "starting"}, "door": {"status": "online"}}, 503),
-    ({"lobby": {"state": "online"}, "door": {"state": "online"}}, 200),
-    ({"lobby": {"status": "crashed"}, "door": {"status": "online"}}, 503),
+    ({"lobby": "online", "door": "ended"}, 200),
+    ({"lobby": "online", "door": "offline"}, 503),
+    ({"lobby": "starting", "door": "online"}, 503),
+    ({"lobby": "crashed", "door": "online"}, 503),
     ({}, 503),
 ])
 def test_healthz_is_503_when_a_camera_is_not_healthy(server_factory, cams, expected):
@@ -228,7 +236,8 @@ def test_healthz_is_503_when_a_camera_is_not_healthy(server_factory, cams, expec
     assert code == expected, f"healthz {code} for {cams}, expected {expected}"
     import json
     report = json.loads(body)
-    assert report["cameras"] == cams and report["status"] == ("ok" if expected == 200 else "degraded")
+    assert report["cameras"] == {n: _camera(s).as_dict() for n, s in cams.items()}, report
+    assert report["status"] == ("ok" if expected == 200 else "degraded")
 
 
 @pytest.mark.parametrize("path", ["", "healthz", "cameras/lobby/snapshot.jpg", "cameras/lobby/stream.mjpg"])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from agecam.config import CameraConfig
-from agecam.daemon.sources import CaptureThread
+from agecam.daemon.capture import CaptureThread
 from tests.helpers import RecordingSlot, Statuses, free_port, wait_for
 from tests.media import RtspServer, make_numbered_mp4
 
@@ -87,7 +87,7 @@ def test_rtsp_frames_flow_survive_a_server_restart_on_the_same_port(clip, captur
         # then the same capture thread is online again and frames flow
         t_online = time.time()
         wait_for(lambda: frames_after(slot, t_online) >= FPS, 30, "a second's worth of frames after the restart")
-        assert cap.is_alive() and statuses.seq == ["online", "offline", "online"], f"transitions {statuses.calls}"
+        assert cap.alive and statuses.seq == ["online", "offline", "online"], f"transitions {statuses.calls}"
         assert cap.reconnects >= 1
         print(f"\nRTSP measured: first open {open_s:.2f} s, offline {offline_s:.2f} s after the kill "
               f"({reason}), online {reconnect_s:.2f} s after the restart (server ready in {server.start_s:.2f} s)")

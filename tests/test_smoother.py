@@ -1,12 +1,15 @@
 """Table tests of the per-track age smoother and the per-camera age sampler (pure logic, scripted clock)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 
 from agecam.config import AgeConfig
-from agecam.daemon.smooth import AgeSampler, AgeSmoother
-from agecam.daemon.types import AgeEstimate
+from agecam.daemon.sampling import Cadence, due_for_sample
+from agecam.daemon.smooth import AgeSmoother
+from agecam.events import AgeEstimate
 from agecam.models.reference import CYDRAL_BINS_YEARS
 
 BINS = np.asarray(CYDRAL_BINS_YEARS)
@@ -117,13 +120,28 @@ STABLE = AgeEstimate(30, 1, 28, 32, 10, True)
 UNSTABLE = AgeEstimate(30, 6, 20, 40, 2, False)
 
 
-def run_script(sampler: AgeSampler, script):
-    """script: list of (now_s, [(track_id, estimate)]); each due track is sampled at once. Returns the picks."""
+@dataclass
+class Rec:
+    """What the sampler reads of a pipeline track record (a stand-in: the sampler is pure logic)."""
+
+    confirmed_s: float
+    est: AgeEstimate | None = None
+    last_sampled_s: float | None = None
+
+    def estimate(self) -> AgeEstimate | None:
+        return self.est
+
+
+CADENCE = Cadence(first_sample_s=0.0, unconverged_interval_s=0.3, converged_interval_s=3.0, max_per_call=16)
+
+
+def run_script(records: dict[int, Rec], times: list[float], cadence: Cadence = CADENCE) -> list[list[int]]:
+    """Ask at each time; every due track is sampled at once (as the pipeline does). Returns the picks."""
     picks = []
-    for now_s, tracks in script:
-        due = sampler.due(tracks, now_s)
+    for now_s in times:
+        due = due_for_sample(records, now_s, cadence)
         for tid in due:
-            sampler.mark_sampled(tid, now_s)
+            records[tid].last_sampled_s = now_s
         picks.append(due)
     return picks
 
@@ -139,36 +157,28 @@ def run_script(sampler: AgeSampler, script):
     ],
 )
 def test_sampler_cadence(name, est, times, expected):
-    # given the default cadence and one track with a fixed estimate state
-    sampler = AgeSampler(AgeConfig(first_sample_s=0.0, unconverged_interval_s=0.3, converged_interval_s=3.0))
-    # when the pipeline asks at these times
-    picks = run_script(sampler, [(t, [(1, est)]) for t in times])
+    # given the default cadence and one track with a fixed estimate state, when asked at these times
+    picks = run_script({1: Rec(confirmed_s=0.0, est=est)}, times)
     # then the track is due exactly at the expected times
     assert picks == expected, f"{name}: picks {picks}, expected {expected}"
 
 
-def test_sampler_first_sample_delay_and_forget():
-    sampler = AgeSampler(AgeConfig(first_sample_s=0.5))
-    assert sampler.due([(7, None)], 10.0) == [], "not due before first_sample_s"
-    assert sampler.due([(7, None)], 10.5) == [7], "due once first_sample_s has passed since first seen"
-    sampler.mark_sampled(7, 10.5)
-    sampler.forget(7)
-    # a re-used id after forget starts over as a new track
-    assert sampler.due([(7, None)], 11.0) == [], "a forgotten track must start its first-sample delay again"
+def test_sampler_waits_first_sample_s_after_confirmation():
+    cadence = Cadence(first_sample_s=0.5, unconverged_interval_s=0.3, converged_interval_s=3.0, max_per_call=16)
+    records = {7: Rec(confirmed_s=10.0)}
+    assert due_for_sample(records, 10.0, cadence) == [], "not due before first_sample_s"
+    assert due_for_sample(records, 10.5, cadence) == [7], "due once first_sample_s has passed since confirmation"
 
 
 def test_sampler_caps_per_call_new_tracks_first_then_most_overdue():
-    # given a cap of 2, two old tracks (one much more overdue) and one new track
-    sampler = AgeSampler(AgeConfig(unconverged_interval_s=0.3, converged_interval_s=3.0), max_per_call=2)
-    sampler.mark_sampled(1, 0.0)  # unstable, 1.0 s ago -> 3.3 intervals overdue
-    sampler.mark_sampled(2, 0.0)  # stable, 1.0 s ago -> not due
-    sampler.mark_sampled(3, 0.6)  # unstable, 0.4 s ago -> 1.3 intervals overdue
-    tracks = [(1, UNSTABLE), (2, STABLE), (3, UNSTABLE), (4, None)]
-    # when asked at t=1.0
-    due = sampler.due(tracks, 1.0)
-    # then the new track comes first, then the most overdue, and the cap holds
-    assert due == [4, 1], f"expected the new track then the most overdue one, got {due}"
+    # given a cap of 2, two old tracks (one much more overdue), a stable one not due, and one new track
+    records = {1: Rec(0.0, UNSTABLE, last_sampled_s=0.0),  # 1.0 s ago -> 3.3 intervals overdue
+               2: Rec(0.0, STABLE, last_sampled_s=0.0),  # stable, 1.0 s ago -> not due
+               3: Rec(0.0, UNSTABLE, last_sampled_s=0.6),  # 0.4 s ago -> 1.3 intervals overdue
+               4: Rec(1.0)}  # new
+    cadence = Cadence(first_sample_s=0.0, unconverged_interval_s=0.3, converged_interval_s=3.0, max_per_call=2)
+    # when asked at t=1.0, then the new track comes first, then the most overdue, and the cap holds
+    picks = run_script(records, [1.0, 1.0], cadence)
+    assert picks[0] == [4, 1], f"expected the new track then the most overdue one, got {picks[0]}"
     # and the cost follows people, not frames: asking again at once returns the leftover only
-    for tid in due:
-        sampler.mark_sampled(tid, 1.0)
-    assert sampler.due(tracks, 1.0) == [3], "the capped-out track must be picked next"
+    assert picks[1] == [3], "the capped-out track must be picked next"

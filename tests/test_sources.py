@@ -12,7 +12,8 @@ import pytest
 from agecam.config import CameraConfig
 from agecam.daemon.slot import LatestSlot
 from agecam.daemon.backoff import Backoff
-from agecam.daemon.sources import CaptureThread, SourceError, source_kind
+from agecam.daemon.capture import CaptureThread
+from agecam.daemon.sources import SourceError, source_kind
 from tests.helpers import RecordingSlot, Statuses, wait_for
 from tests.media import frame_level, make_numbered_avi
 
@@ -291,7 +292,7 @@ def test_a_crashing_reader_reports_why_and_retries(run_capture):
     _, _, reason = statuses.wait_for("offline", 5)
     statuses.wait_for("online", 5, nth=2)
     assert reason == "RuntimeError: kaboom in read", f"reason {reason!r}"
-    assert len(opens) >= 2 and cap.is_alive(), "the camera should keep retrying after a crash"
+    assert len(opens) >= 2 and cap.alive, "the camera should keep retrying after a crash"
 
 
 def test_reasons_never_carry_passwords(run_capture):

@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from agecam.config import AgeConfig, RuntimeConfig
-from agecam.daemon.chip import chip_quality, make_chip  # noqa: F401  (chip_quality is part of this stage's API)
-from agecam.daemon.smooth import AgeSampler, AgeSmoother  # noqa: F401  (re-exported: one import site for the stage)
+from agecam.daemon.chip import make_chip
 from agecam.models.contract import ModelContractError, read_spec
 
 log = logging.getLogger(__name__)

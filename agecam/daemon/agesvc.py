@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from agecam.daemon.metrics import NullMetrics
+
 log = logging.getLogger(__name__)
 
 
@@ -37,7 +39,8 @@ class AgeResult:
 class AgeService:
     """Collects requests from all pipelines and runs them in batches of up to max_batch."""
 
-    def __init__(self, model, max_batch: int, stop: threading.Event, metrics=None, queue_size: int = 256):
+    def __init__(self, model, max_batch: int, stop: threading.Event, metrics: NullMetrics = NullMetrics(),
+                 queue_size: int = 256):
         self.model = model
         self.max_batch = max_batch
         self._stop = stop
@@ -59,8 +62,7 @@ class AgeService:
             return True
         except queue.Full:
             self.dropped += 1
-            if self._metrics:
-                self._metrics.frames_dropped_total.labels(camera=req.camera, stage="age").inc()
+            self._metrics.frame_dropped(req.camera, "age")
             return False
 
     def _run(self) -> None:
@@ -78,23 +80,28 @@ class AgeService:
             try:
                 t0 = time.perf_counter()
                 probs = self.model.predict(np.stack([r.chip for r in batch]))
-                if self._metrics:
-                    self._metrics.stage_duration_seconds.labels(stage="age").observe(time.perf_counter() - t0)
-                    self._metrics.age_batch_size.observe(len(batch))
+                self._metrics.age_batch([r.camera for r in batch], time.perf_counter() - t0)
             except Exception:  # a bad batch must not kill the service
                 log.exception("age inference failed for a batch of %d; skipping it", len(batch))
                 continue
             self.batches += 1
             self.faces += len(batch)
             for req, p in zip(batch, probs):
-                if self._metrics:
-                    self._metrics.age_samples_total.labels(camera=req.camera).inc()
                 try:
                     req.reply.put_nowait(AgeResult(req.track_id, p, req.weight, req.ts))
                 except queue.Full:
                     pass  # the pipeline is gone or far behind; the sample is simply lost
 
+    @property
+    def name(self) -> str:
+        return self._thread.name
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def join(self, timeout_s: float) -> bool:
+        """Wait for the thread after stop is set; True when it has finished."""
         if self._thread.is_alive():
             self._thread.join(timeout_s)
         return not self._thread.is_alive()

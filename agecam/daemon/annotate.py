@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from agecam.daemon.types import AgeEstimate
+from agecam.events import AgeEstimate
 
 # BGR colours; tests and the browser check look for these exact values
 STABLE_BGR = (60, 220, 60)  # green: converged estimate

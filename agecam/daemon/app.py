@@ -7,44 +7,38 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from collections import defaultdict
 from pathlib import Path
 
 from agecam.config import Config, ConfigError, load, secret_free
+from agecam.daemon.health import CameraHealth, CameraState, HealthReport
+from agecam.daemon.track import TrackIds
 
 log = logging.getLogger("agecam")
 
 JOIN_TIMEOUT_S = 3.0
 
 
-@dataclass
-class CameraState:
-    """Last known status of one camera, for health checks and the preview."""
-
-    status: str = "starting"  # starting | online | offline | ended
-    reason: str = ""
-    since_s: float = field(default_factory=time.time)
-    reconnects: int = 0
-    was_online: bool = False
-
-
 class App:
     """The running daemon: one instance per loaded config. Boundaries can be injected for tests."""
 
     def __init__(self, cfg: Config, *, detector=None, age_model=None, open_fn=None, notifier=None,
-                 frame_tap=None, events=None, metrics=None):
+                 frame_tap=None, events=None, metrics=None, track_ids: dict[str, TrackIds] | None = None):
+        """events (the run's EventFactory: run_id and seq) and track_ids (per camera) outlive a reload: pass the
+        previous App's to the next one, so seq keeps rising and no track ID is issued twice in a run."""
         from agecam.events import EventFactory
 
         self.cfg = cfg
         self.stop_event = threading.Event()
         self.events = events or EventFactory()
+        self.track_ids: dict[str, TrackIds] = track_ids if track_ids is not None else defaultdict(TrackIds)
         self._detector = detector
         self._age_model = age_model
         self._open_fn = open_fn
         self._frame_tap = frame_tap
         self.notifier = notifier
         self.metrics = metrics
-        self.cameras = {c.name: CameraState() for c in cfg.cameras if c.enabled}
+        self.cameras: dict[str, CameraState] = {c.name: CameraState() for c in cfg.cameras if c.enabled}
         self.pipelines = {}
         self.captures = {}
         self.ended = {}
@@ -68,14 +62,14 @@ class App:
         if self._age_model is None:
             self._age_model = AgeModel.from_config(cfg.age, cfg.runtime)
 
-    def start(self, first_track_ids: dict[str, int] | None = None) -> None:
+    def start(self) -> None:
         """Build and start every component; on failure, stop() closes whatever was already built."""
         from agecam.daemon.agesvc import AgeService
         from agecam.daemon.metrics import Metrics
         from agecam.daemon.pipeline import CameraPipeline
         from agecam.daemon.publish import Publisher
         from agecam.daemon.slot import LatestSlot
-        from agecam.daemon.sources import CaptureThread
+        from agecam.daemon.capture import CaptureThread
 
         cfg = self.cfg
         self.started = True  # from here on stop() has something to close
@@ -83,14 +77,7 @@ class App:
             self.metrics = Metrics(cameras=list(self.cameras))
         m = self.metrics
 
-        def on_sent(ev: dict, send_s: float) -> None:
-            m.events_published_total.labels(type=ev["type"]).inc()
-            m.stage_duration_seconds.labels(stage="publish").observe(send_s)
-            if ev["type"] != "camera.status":
-                m.frame_to_event_seconds.observe(max(0.0, time.time() - ev["ts"]))
-
-        self.publisher = Publisher(cfg.events, self.stop_event, on_sent=on_sent,
-                                   on_drop=lambda reason: m.events_dropped_total.labels(reason=reason).inc())
+        self.publisher = Publisher(cfg.events, self.stop_event, m)
         # bound before the models load, so subscribers are connected by the time the first events flow
         self.publisher.start()
         self.load_models()
@@ -100,7 +87,8 @@ class App:
         self.age_service = AgeService(self._age_model, cfg.age.max_batch, self.stop_event, m)
         self.hub = None
         if cfg.preview.bind:
-            from agecam.daemon.preview import PreviewHub, PreviewServer
+            from agecam.daemon.hub import PreviewHub
+            from agecam.daemon.preview import PreviewServer
 
             self.hub = PreviewHub(list(self.cameras), cfg.preview.jpeg_quality, cfg.preview.max_fps, metrics=m)
             server = PreviewServer(cfg.preview, self.hub, self.health)
@@ -109,17 +97,16 @@ class App:
         for cam in cfg.cameras:
             if not cam.enabled:
                 continue
-            slot = LatestSlot(on_drop=lambda c=cam.name: m.frames_dropped_total.labels(camera=c, stage="capture").inc())
+            slot = LatestSlot(on_drop=lambda c=cam.name: m.frame_dropped(c, "capture"))
             self.ended[cam.name] = threading.Event()
             self.pipelines[cam.name] = CameraPipeline(
                 cam, cfg, slot=slot, detector=self._detector, age_model=self._age_model,
                 age_service=self.age_service, events=self.events, submit=self.publisher.submit,
                 stop=self.stop_event, ended=self.ended[cam.name], metrics=m, hub=self.hub,
-                recorder=self._recorder(cam), frame_tap=self._frame_tap,
-                first_track_id=(first_track_ids or {}).get(cam.name, 1))
+                recorder=self._recorder(cam), frame_tap=self._frame_tap, track_ids=self.track_ids[cam.name])
             self.captures[cam.name] = CaptureThread(
                 cam, slot, self.stop_event, on_status=self._on_status,
-                on_frame=lambda c=cam.name: m.frames_captured_total.labels(camera=c).inc(),
+                on_frame=m.frame_captured,
                 open_fn=self._open_fn)
         # start in dependency order; stop() joins in reverse
         self.age_service.start()
@@ -134,7 +121,7 @@ class App:
     def _recorder(self, cam):
         if not self.cfg.preview.record_path:
             return None
-        from agecam.daemon.preview import Recorder
+        from agecam.daemon.record import Recorder
 
         return Recorder(self.cfg.preview.record_path, cam.name, cam.max_fps or self.cfg.preview.max_fps)
 
@@ -149,57 +136,53 @@ class App:
     # -- status ----------------------------------------------------------------------------------------------------
     def _on_status(self, camera: str, status: str, reason: str) -> None:
         """Called by capture threads on every online/offline/ended transition."""
+        reason = secret_free(reason)
         with self._lock:
-            st = self.cameras[camera]
-            if status == "online" and st.was_online:
-                st.reconnects += 1
-                self.metrics.reconnects_total.labels(camera=camera).inc()
-            st.was_online = st.was_online or status == "online"
-            st.status, st.reason, st.since_s = status, secret_free(reason), time.time()
-        self.metrics.camera_up.labels(camera=camera).set(1 if status == "online" else 0)
-        self.publisher.submit(self.events.camera_status(camera, time.time(), status, st.reason))
+            reconnected = self.cameras[camera].report(status, reason, time.time())
+        self.metrics.camera_up(camera, status == "online", reconnected)
+        self.publisher.submit(self.events.camera_status(camera, time.time(), status, reason))
         if status == "ended":
             self.ended[camera].set()
 
-    def health(self) -> dict:
-        """Per-camera state for /healthz and the status line."""
+    def health(self) -> HealthReport:
+        """Every camera's status (a crashed pipeline overrides its source's) and live figures."""
         now = time.time()
         cams = {}
-        for name, st in self.cameras.items():
+        with self._lock:
+            states = {name: (st.status, st.reason, st.since_s, st.reconnects) for name, st in self.cameras.items()}
+        for name, (status, reason, since_s, reconnects) in states.items():
             p = self.pipelines.get(name)
-            cams[name] = {
-                "status": "crashed" if p is not None and p.crashed else st.status,
-                "reason": st.reason,
-                "since": round(st.since_s, 3),
-                "reconnects": st.reconnects,
-                "fps": round(p.stats.fps, 2) if p else 0.0,
-                "tracks": len(p.states) if p else 0,
-                "last_frame_age_s": round(now - p.last_frame_ts, 3) if p and p.last_frame_ts else None,
-            }
-        ok = all(c["status"] in ("online", "ended") for c in cams.values())
-        return {"status": "ok" if ok else "degraded", "cameras": cams}
+            snap = p.snapshot() if p is not None else None
+            cams[name] = CameraHealth(
+                status="crashed" if snap is not None and snap.crashed else status, reason=reason, since_s=since_s,
+                reconnects=reconnects, fps=snap.fps if snap else 0.0, tracks=snap.tracks if snap else 0,
+                last_frame_age_s=now - snap.last_frame_ts if snap and snap.last_frame_ts else None)
+        return HealthReport(cams)
 
-    def healthy(self) -> bool:
-        """True while every live pipeline and the age service are making progress (drives WATCHDOG=1)."""
+    def healthy(self) -> tuple[bool, str]:
+        """(True, "") while every live pipeline, the age service and the publisher make progress (drives WATCHDOG=1);
+        else (False, why)."""
         limit = self.cfg.runtime.heartbeat_timeout_s
         now = time.monotonic()
         for name, p in self.pipelines.items():
-            if self.ended[name].is_set() and not p.thread.is_alive():
+            snap = p.snapshot()
+            if self.ended[name].is_set() and not snap.alive:
                 continue
-            if p.crashed or not p.thread.is_alive() or now - p.heartbeat_s > limit:
-                return False
-        return now - self.age_service.heartbeat_s <= limit and self.publisher.alive()
+            if snap.crashed or not snap.alive:
+                return False, f"pipeline:{name} is not running"
+            if now - snap.heartbeat_s > limit:
+                return False, f"pipeline:{name} stalled for {now - snap.heartbeat_s:.0f} s"
+        if now - self.age_service.heartbeat_s > limit:
+            return False, f"the age service stalled for {now - self.age_service.heartbeat_s:.0f} s"
+        if not self.publisher.alive:
+            return False, "the event publisher is not running"
+        return True, ""
 
     def all_ended(self) -> bool:
-        return bool(self.pipelines) and all(e.is_set() and not self.pipelines[n].thread.is_alive()
-                                            for n, e in self.ended.items())
+        return bool(self.pipelines) and all(e.is_set() and not self.pipelines[n].alive for n, e in self.ended.items())
 
     def status_line(self) -> str:
-        h = self.health()["cameras"]
-        online = sum(1 for c in h.values() if c["status"] == "online")
-        tracks = sum(c["tracks"] for c in h.values())
-        fps = sum(c["fps"] for c in h.values())
-        return f"{online}/{len(h)} cameras online, {tracks} tracks, {fps:.1f} fps, {self.age_service.faces} faces aged"
+        return self.health().status_line(self.age_service.faces)
 
     # -- stop ------------------------------------------------------------------------------------------------------
     def stop(self) -> list[str]:
@@ -212,10 +195,8 @@ class App:
             if not c.join(JOIN_TIMEOUT_S):
                 stuck.append(c.name)
         for p in self.pipelines.values():
-            if p.thread.ident is not None:
-                p.thread.join(JOIN_TIMEOUT_S)
-            if p.thread.is_alive():
-                stuck.append(p.thread.name)
+            if not p.join(JOIN_TIMEOUT_S):
+                stuck.append(p.name)
         age_service = getattr(self, "age_service", None)
         if age_service is not None and not age_service.join(JOIN_TIMEOUT_S):
             stuck.append("age")
@@ -322,22 +303,22 @@ def _reload(app: App, path: Path, notifier) -> App | None:
     log.info("reloading config from %s", path)
     add_secret(new_cfg.preview.token)
     try:
-        candidate = App(new_cfg, notifier=notifier, events=app.events)
+        candidate = App(new_cfg, notifier=notifier, events=app.events, track_ids=app.track_ids)
         candidate.load_models()  # refuse broken model paths before touching the running daemon
     except Exception as exc:
         log.error("reload refused, keeping the running config: %s", exc)
         notifier.ready()
         return app
-    next_ids = {name: p.tracker.next_id for name, p in app.pipelines.items()}  # track IDs stay unique in the run
     app.stop()
     try:
-        candidate.start(first_track_ids=next_ids)
+        candidate.start()
     except Exception as exc:
         log.error("reload failed to start (%s); restarting the previous config", exc)
         candidate.stop()
-        candidate = App(app.cfg, notifier=notifier, events=app.events, detector=app._detector, age_model=app._age_model)
+        candidate = App(app.cfg, notifier=notifier, events=app.events, track_ids=app.track_ids,
+                        detector=app._detector, age_model=app._age_model)
         try:
-            candidate.start(first_track_ids=next_ids)
+            candidate.start()
         except Exception as exc2:
             log.error("the previous config failed to restart too: %s", exc2)
             candidate.stop()

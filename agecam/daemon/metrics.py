@@ -16,15 +16,53 @@ import agecam
 
 log = logging.getLogger(__name__)
 
-# Bounded label values. Cameras are bounded by the config; these are fixed here.
+# Label vocabularies, defined once. Cameras are bounded by the config; the rest are fixed here, and the named
+# methods below accept nothing else (an unknown stage or reason is a KeyError at the call site, not a new series).
 STAGES = ("wait", "detect", "track", "chip", "age", "publish", "annotate", "encode")
 DROP_STAGES = ("capture", "age", "preview", "record")
 EVENT_TYPES = ("track.start", "track.update", "track.end", "camera.status")
-DROP_REASONS = ("queue_full", "hwm")
+DROP_REASONS = ("queue_full", "hwm", "send_error")
 
 _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _EVENT_LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class NullMetrics:
+    """The daemon's metrics interface, every method a no-op: what a component records when nobody measures it.
+
+    Components take a `metrics` argument defaulting to this, so no call site tests for None.
+    """
+
+    def frame_captured(self, camera: str) -> None:
+        """A frame was read from the camera's source."""
+
+    def frame_dropped(self, camera: str, stage: str) -> None:
+        """A frame (or face) was skipped at `stage` (one of DROP_STAGES)."""
+
+    def frame_processed(self, camera: str, faces: int, wait_s: float, detect_s: float, track_s: float) -> None:
+        """A frame went through detection and tracking."""
+
+    def stage_time(self, stage: str, seconds: float) -> None:
+        """Time spent in one stage (one of STAGES)."""
+
+    def age_batch(self, cameras: Sequence[str], seconds: float) -> None:
+        """One age-model batch: the camera of each face in it, and its duration."""
+
+    def tracks_active(self, camera: str, n: int) -> None:
+        """Confirmed tracks alive on a camera."""
+
+    def camera_up(self, camera: str, up: bool, reconnected: bool = False) -> None:
+        """A camera went online (up) or offline/ended; `reconnected` when it came back after being online."""
+
+    def event_published(self, type_: str, send_s: float, frame_to_event_s: float | None) -> None:
+        """An event was handed to ZeroMQ; frame_to_event_s is None for events not caused by a frame."""
+
+    def event_dropped(self, reason: str) -> None:
+        """An event was not published (reason one of DROP_REASONS)."""
+
+    def preview_viewers(self, camera: str, n: int) -> None:
+        """Open MJPEG streams of a camera."""
 
 
 def _dist_version(*names: str) -> str:
@@ -37,7 +75,7 @@ def _dist_version(*names: str) -> str:
     return "unknown"
 
 
-class Metrics:
+class Metrics(NullMetrics):
     """The daemon's metrics on one registry; attributes are named after the metric without the `agecam_` prefix."""
 
     def __init__(self, cameras: Sequence[str] = (), registry: CollectorRegistry | None = None):
@@ -68,39 +106,84 @@ class Metrics:
         self.events_published_total = Counter(
             "agecam_events_published_total", "Events handed to ZeroMQ.", ["type"], registry=r)
         self.events_dropped_total = Counter(
-            "agecam_events_dropped_total", "Events not published: queue_full = internal queue full, hwm = ZeroMQ high-water mark.", ["reason"], registry=r)
+            "agecam_events_dropped_total",
+            "Events not published: queue_full = internal queue full, hwm = ZeroMQ high-water mark, "
+            "send_error = the socket refused the message.", ["reason"], registry=r)
         self.reconnects_total = Counter(
             "agecam_reconnects_total", "Times a camera came back online after it failed or went silent.", ["camera"], registry=r)
-        self.camera_up = Gauge(
+        self.camera_up_gauge = Gauge(
             "agecam_camera_up", "1 while the camera delivers frames, 0 while it is offline or ended.", ["camera"], registry=r)
         self.frame_to_event_seconds = Histogram(
             "agecam_frame_to_event_seconds", "Capture time of a frame to the publication of the event it caused.",
             buckets=_EVENT_LATENCY_BUCKETS_S, registry=r)
-        self.preview_viewers = Gauge(
+        self.preview_viewers_gauge = Gauge(
             "agecam_preview_viewers", "Open MJPEG preview streams.", ["camera"], registry=r)
         self.model = Info(
             "agecam_model", "Models in use (detector kind and model, age model name, version and sha256 prefix).",
             registry=r)
         self.build = Info(
             "agecam_build", "agecam, Python and onnxruntime versions and the onnxruntime providers asked for.", registry=r)
+        # children of the fixed vocabularies, bound once (an unknown value is a KeyError, never a new series)
+        self._stage = {s: self.stage_duration_seconds.labels(stage=s) for s in STAGES}
+        self._published = {t: self.events_published_total.labels(type=t) for t in EVENT_TYPES}
+        self._event_dropped = {r_: self.events_dropped_total.labels(reason=r_) for r_ in DROP_REASONS}
         self.add_cameras(cameras)
         self.set_build_info(providers=())
+
+    # -- the interface ------------------------------------------------------------------------------------------
+    def frame_captured(self, camera: str) -> None:
+        self.frames_captured_total.labels(camera=camera).inc()
+
+    def frame_dropped(self, camera: str, stage: str) -> None:
+        if stage not in DROP_STAGES:
+            raise KeyError(f"drop stage {stage!r} is not one of {DROP_STAGES}")
+        self.frames_dropped_total.labels(camera=camera, stage=stage).inc()
+
+    def frame_processed(self, camera: str, faces: int, wait_s: float, detect_s: float, track_s: float) -> None:
+        self.frames_processed_total.labels(camera=camera).inc()
+        self.faces_detected_total.labels(camera=camera).inc(faces)
+        self._stage["wait"].observe(max(0.0, wait_s))
+        self._stage["detect"].observe(detect_s)
+        self._stage["track"].observe(track_s)
+
+    def stage_time(self, stage: str, seconds: float) -> None:
+        self._stage[stage].observe(seconds)
+
+    def age_batch(self, cameras: Sequence[str], seconds: float) -> None:
+        self._stage["age"].observe(seconds)
+        self.age_batch_size.observe(len(cameras))
+        for camera in cameras:
+            self.age_samples_total.labels(camera=camera).inc()
+
+    def tracks_active(self, camera: str, n: int) -> None:
+        self.active_tracks.labels(camera=camera).set(n)
+
+    def camera_up(self, camera: str, up: bool, reconnected: bool = False) -> None:
+        self.camera_up_gauge.labels(camera=camera).set(1 if up else 0)
+        if reconnected:
+            self.reconnects_total.labels(camera=camera).inc()
+
+    def event_published(self, type_: str, send_s: float, frame_to_event_s: float | None) -> None:
+        self._published[type_].inc()
+        self._stage["publish"].observe(send_s)
+        if frame_to_event_s is not None:
+            self.frame_to_event_seconds.observe(max(0.0, frame_to_event_s))
+
+    def event_dropped(self, reason: str) -> None:
+        self._event_dropped[reason].inc()
+
+    def preview_viewers(self, camera: str, n: int) -> None:
+        self.preview_viewers_gauge.labels(camera=camera).set(n)
 
     def add_cameras(self, cameras: Iterable[str]) -> None:
         """Create every per-camera series at zero so rates and absences are visible from the first scrape."""
         for cam in cameras:
             for metric in (self.frames_captured_total, self.frames_processed_total, self.faces_detected_total,
-                           self.age_samples_total, self.active_tracks, self.reconnects_total, self.camera_up,
-                           self.preview_viewers):
+                           self.age_samples_total, self.active_tracks, self.reconnects_total, self.camera_up_gauge,
+                           self.preview_viewers_gauge):
                 metric.labels(camera=cam)
             for stage in DROP_STAGES:
                 self.frames_dropped_total.labels(camera=cam, stage=stage)
-        for stage in STAGES:
-            self.stage_duration_seconds.labels(stage=stage)
-        for kind in EVENT_TYPES:
-            self.events_published_total.labels(type=kind)
-        for reason in DROP_REASONS:
-            self.events_dropped_total.labels(reason=reason)
 
     def set_model_info(self, *, detector_kind: str, detector_model: str, age_model: str, age_version: str,
                        age_sha256: str) -> None:

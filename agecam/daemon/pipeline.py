@@ -11,39 +11,63 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from agecam.config import Config, CameraConfig
+from agecam.config import CameraConfig, Config
 from agecam.daemon.agesvc import AgeRequest, AgeResult, AgeService
-from agecam.daemon.age import AgeSampler, AgeSmoother, chip_quality
-from agecam.daemon.track import Tracker
+from agecam.daemon.chip import chip_quality
+from agecam.daemon.metrics import NullMetrics
+from agecam.daemon.sampling import Cadence, due_for_sample
+from agecam.daemon.smooth import AgeSmoother
+from agecam.daemon.track import Track, Tracker, TrackIds
 from agecam.daemon.types import Detections, Frame
-from agecam.events import EventFactory, UpdatePolicy
+from agecam.events import AgeEstimate, EventFactory, UpdatePolicy
 
 log = logging.getLogger(__name__)
 STATS_KEEP = 10000  # recent latency samples kept per pipeline
 SNAPSHOT_REFRESH_S = 1.0  # with nobody watching, the preview frame is still refreshed this often (for snapshots)
+REPLY_QUEUE_SIZE = 1024  # age results waiting for this pipeline's next loop
+
 
 @dataclass
-class TrackState:
-    """What the pipeline remembers about one confirmed track."""
+class TrackRecord:
+    """Everything the pipeline knows about one confirmed track; created at confirmation, dropped whole at its end."""
 
-    track: object
+    track: Track
     smoother: AgeSmoother
+    confirmed_s: float  # capture time of confirmation: the sampler's clock for a first sample starts here
+    first_seen_s: float  # capture time of the face's first frame: first-age delays are measured from here
+    last_sampled_s: float | None = None
+    quality: float | None = None  # quality score of the last crop considered
+    aged: bool = False  # an age sample has come back
     last_sent_years: float | None = None
-    last_sent_ts: float = 0.0
-    quality: float | None = None
+    last_sent_s: float = 0.0
+
+    def estimate(self) -> AgeEstimate | None:
+        return self.smoother.estimate()
 
 
 @dataclass
 class PipelineStats:
-    """Counters read by health checks and benchmarks."""
+    """Counters for benchmarks and the health snapshot."""
 
     frames: int = 0
     faces: int = 0
     full_searches: int = 0
     region_searches: int = 0
     fps: float = 0.0
-    first_age_delays_s: deque = field(default_factory=lambda: deque(maxlen=STATS_KEEP))  # for benchmarks
+    first_age_delays_s: deque = field(default_factory=lambda: deque(maxlen=STATS_KEEP))
     event_latencies_s: deque = field(default_factory=lambda: deque(maxlen=STATS_KEEP))
+
+
+@dataclass(frozen=True)
+class PipelineSnapshot:
+    """A pipeline's state for health checks, read without touching its internals."""
+
+    alive: bool
+    crashed: bool
+    heartbeat_s: float  # time.monotonic() of the last loop
+    fps: float
+    tracks: int
+    last_frame_ts: float  # capture time of the last processed frame, 0 before the first
 
 
 def _shift(d: Detections, dx: float, dy: float, scale: float = 1.0) -> Detections:
@@ -55,11 +79,20 @@ def _shift(d: Detections, dx: float, dy: float, scale: float = 1.0) -> Detection
 
 
 class CameraPipeline:
-    """The `pipeline:<camera>` thread: takes the latest frame and runs it through every stage."""
+    """The `pipeline:<camera>` thread: takes the latest frame and runs it through every stage.
+
+    How an age sample travels: when a track is due (`due_for_sample` over the track records), its face chip goes
+    to the shared AgeService as an AgeRequest carrying this pipeline's `replies` queue (put_nowait: a full service
+    drops the sample and counts it). The `age` thread batches requests from every camera, runs the model and puts
+    each AgeResult on the requester's `replies`. The pipeline drains its replies at the top of its next loop,
+    before it takes a frame, and fuses each into its track's smoother; a result for a track that ended meanwhile
+    is discarded. So the pipeline never waits for the model, and an estimate lags its chip by about one frame.
+    """
 
     def __init__(self, cam: CameraConfig, cfg: Config, *, slot, detector, age_model, age_service: AgeService,
                  events: EventFactory, submit, stop: threading.Event, ended: threading.Event,
-                 metrics=None, hub=None, recorder=None, frame_tap=None, first_track_id: int = 1):
+                 metrics: NullMetrics = NullMetrics(), hub=None, recorder=None, frame_tap=None,
+                 track_ids: TrackIds | None = None):
         self.cam = cam
         self.cfg = cfg
         self.slot = slot
@@ -74,25 +107,44 @@ class CameraPipeline:
         self.hub = hub
         self.recorder = recorder
         self.frame_tap = frame_tap
-        self.tracker = Tracker(cfg.tracker, first_id=first_track_id)
-        self.sampler = AgeSampler(cfg.age)
+        self.tracker = Tracker(cfg.tracker, track_ids)
+        self.cadence = Cadence.from_config(cfg.age)
         self.policy = UpdatePolicy(cfg.events.update_min_delta_years, cfg.events.update_max_interval_s)
-        self.states: dict[int, TrackState] = {}
-        self.replies: queue.Queue[AgeResult] = queue.Queue(maxsize=1024)
+        self.records: dict[int, TrackRecord] = {}
+        self.replies: queue.Queue[AgeResult] = queue.Queue(maxsize=REPLY_QUEUE_SIZE)
         self.stats = PipelineStats()
         self.heartbeat_s = time.monotonic()
+        self.crashed = False
         self.last_frame_ts = 0.0
         self.frame_wh: tuple[int, int] | None = None  # size of the latest frame, to clip event boxes
         self._last_full_ts = -1e18
         self._last_preview_s = 0.0
-        self._fps_window: list[float] = []
-        self._confirmed_at: dict[int, float] = {}
+        self._fps_window: deque[float] = deque(maxlen=256)
         self.thread = threading.Thread(target=self._run_guarded, name=f"pipeline:{cam.name}", daemon=True)
 
-    # -- thread -------------------------------------------------------------------------------------------------
+    # -- worker surface -------------------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.thread.name
+
     def start(self) -> None:
         self.thread.start()
 
+    def join(self, timeout_s: float) -> bool:
+        """Wait for the thread (after stop or end); True when it has finished or never started."""
+        if self.thread.ident is not None:
+            self.thread.join(timeout_s)
+        return not self.thread.is_alive()
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def snapshot(self) -> PipelineSnapshot:
+        return PipelineSnapshot(alive=self.alive, crashed=self.crashed, heartbeat_s=self.heartbeat_s,
+                                fps=self.stats.fps, tracks=len(self.records), last_frame_ts=self.last_frame_ts)
+
+    # -- thread -------------------------------------------------------------------------------------------------
     def _run_guarded(self) -> None:
         try:
             self._run()
@@ -101,8 +153,6 @@ class CameraPipeline:
             self.crashed = True
         finally:
             self._end_all(time.time())
-
-    crashed = False
 
     def _run(self) -> None:
         idle_since = time.monotonic()
@@ -113,22 +163,17 @@ class CameraPipeline:
             if frame is None:
                 if self.ended.is_set():
                     return
-                if time.monotonic() - idle_since > 0.5 and self.tracker_has_tracks():
+                if time.monotonic() - idle_since > 0.5 and (self.records or self.tracker.tracks):
                     self._advance(Detections.empty(), time.time(), None)  # let lost tracks age out
                     idle_since = time.monotonic()
                 continue
             idle_since = time.monotonic()
             self.process(frame)
 
-    def tracker_has_tracks(self) -> bool:
-        return bool(self.states) or bool(getattr(self.tracker, "tracks", None))
-
     # -- one frame ----------------------------------------------------------------------------------------------
     def process(self, frame: Frame) -> None:
         """Run every stage on one frame (called by the thread; callable directly in tests)."""
-        m = self.metrics
-        if m:
-            m.stage_duration_seconds.labels(stage="wait").observe(max(0.0, time.time() - frame.ts))
+        wait_s = time.time() - frame.ts
         t0 = time.perf_counter()
         dets = self._detect(frame)
         t1 = time.perf_counter()
@@ -139,14 +184,13 @@ class CameraPipeline:
         self.stats.faces += len(dets)
         self.last_frame_ts = frame.ts
         now = time.monotonic()
-        self._fps_window = [t for t in self._fps_window if now - t < 2.0] + [now]
-        self.stats.fps = (len(self._fps_window) - 1) / max(1e-6, self._fps_window[-1] - self._fps_window[0])
-        if m:
-            m.frames_processed_total.labels(camera=self.cam.name).inc()
-            m.faces_detected_total.labels(camera=self.cam.name).inc(len(dets))
-            m.stage_duration_seconds.labels(stage="detect").observe(t1 - t0)
-            m.stage_duration_seconds.labels(stage="track").observe(t2 - t1)
-            m.active_tracks.labels(camera=self.cam.name).set(len(self.states))
+        self._fps_window.append(now)
+        while now - self._fps_window[0] >= 2.0:
+            self._fps_window.popleft()
+        span_s = self._fps_window[-1] - self._fps_window[0]
+        self.stats.fps = (len(self._fps_window) - 1) / span_s if span_s > 0 else 0.0
+        self.metrics.frame_processed(self.cam.name, len(dets), wait_s, t1 - t0, t2 - t1)
+        self.metrics.tracks_active(self.cam.name, len(self.records))
         if self.frame_tap:
             self.frame_tap(frame, dets)
         if self.hub is not None or self.recorder is not None:
@@ -177,44 +221,43 @@ class CameraPipeline:
         for t in self.tracker.pop_ended():
             self._finish(t, ts)
         for t in tracks:
-            if t.is_confirmed and t.track_id not in self.states:
-                st = TrackState(t, AgeSmoother(self.cfg.age, self.age_model.bins_years))
-                self.states[t.track_id] = st
-                self._confirmed_at[t.track_id] = t.first_seen_ts  # first frame of the face, for first-age delay
+            rec = self.records.get(t.track_id)
+            if rec is not None:
+                rec.track = t
+            elif t.is_confirmed:
+                rec = TrackRecord(t, AgeSmoother(self.cfg.age, self.age_model.bins_years), confirmed_s=ts,
+                                  first_seen_s=t.first_seen_ts, last_sent_s=ts)
+                self.records[t.track_id] = rec
                 self._emit("track.start", t, None, ts)
-                st.last_sent_ts = ts
-            elif t.track_id in self.states:
-                self.states[t.track_id].track = t
         if frame is not None:
             self._sample_ages(frame, dets, ts)
-        for st in self.states.values():
-            if st.track.det_index is None:
+        for rec in self.records.values():
+            if rec.track.det_index is None:
                 continue
-            est = st.smoother.estimate()
-            if self.policy.due(st.last_sent_years, st.last_sent_ts, est, ts):
-                self._emit("track.update", st.track, est, ts)
-                st.last_sent_ts = ts
-                st.last_sent_years = est.years if est else None
+            est = rec.estimate()
+            if self.policy.due(rec.last_sent_years, rec.last_sent_s, est, ts):
+                self._emit("track.update", rec.track, est, ts)
+                rec.last_sent_s = ts
+                rec.last_sent_years = est.years if est else None
 
     def _sample_ages(self, frame: Frame, dets: Detections, ts: float) -> None:
         acfg = self.cfg.age
-        live = [(tid, st.smoother.estimate()) for tid, st in self.states.items() if st.track.det_index is not None]
-        for tid in self.sampler.due(live, ts):
-            st = self.states[tid]
-            i = st.track.det_index
+        live = {tid: rec for tid, rec in self.records.items() if rec.track.det_index is not None}
+        for tid in due_for_sample(live, ts, self.cadence):
+            rec = live[tid]
+            i = rec.track.det_index
             box = dets.boxes_xyxy[i]
-            self.sampler.mark_sampled(tid, ts)
+            rec.last_sampled_s = ts
             if dets.landmarks is None or min(box[2] - box[0], box[3] - box[1]) < acfg.min_face_px:
                 continue
             lm = dets.landmarks[i]
             q = chip_quality(frame.image, box, lm, float(dets.scores[i]))
-            st.quality = q
+            rec.quality = q
             if q < acfg.min_quality:
                 continue
             t0 = time.perf_counter()
             chip = self.age_model.make_chip(frame.image, lm, box)
-            if self.metrics:
-                self.metrics.stage_duration_seconds.labels(stage="chip").observe(time.perf_counter() - t0)
+            self.metrics.stage_time("chip", time.perf_counter() - t0)
             self.age_service.submit(AgeRequest(self.cam.name, tid, chip, q, ts, self.replies))
 
     def _drain_replies(self) -> None:
@@ -223,34 +266,31 @@ class CameraPipeline:
                 r = self.replies.get_nowait()
             except queue.Empty:
                 return
-            st = self.states.get(r.track_id)
-            if st is None:
+            rec = self.records.get(r.track_id)
+            if rec is None:
                 continue  # the track ended while its sample was in flight
-            first = st.smoother.estimate() is None
-            st.smoother.add(r.probs, r.weight, r.ts)
-            if first and r.track_id in self._confirmed_at:
-                self.stats.first_age_delays_s.append(time.time() - self._confirmed_at.pop(r.track_id))
+            rec.smoother.add(r.probs, r.weight, r.ts)
+            if not rec.aged:
+                rec.aged = True
+                self.stats.first_age_delays_s.append(time.time() - rec.first_seen_s)
 
-    def _finish(self, track, ts: float) -> None:
-        st = self.states.pop(track.track_id, None)
-        self.sampler.forget(track.track_id)
-        self._confirmed_at.pop(track.track_id, None)
-        if st is not None:
-            self._emit("track.end", track, st.smoother.estimate(), ts)
+    def _finish(self, track: Track, ts: float) -> None:
+        rec = self.records.pop(track.track_id, None)
+        if rec is not None:
+            self._emit("track.end", track, rec.estimate(), ts)
 
     def _end_all(self, ts: float) -> None:
         """End every open track (camera ended, crashed or daemon stopping)."""
         self._drain_replies()
         for t in self.tracker.end_all():
             self._finish(t, ts)
-        for tid in list(self.states):  # anything the tracker no longer knew about
-            self._finish(self.states[tid].track, ts)
-        if self.metrics:
-            self.metrics.active_tracks.labels(camera=self.cam.name).set(0)
+        for tid in list(self.records):  # anything the tracker no longer knew about
+            self._finish(self.records[tid].track, ts)
+        self.metrics.tracks_active(self.cam.name, 0)
         if self.recorder is not None:
             self.recorder.close()
 
-    def _emit(self, type_: str, track, age, ts: float) -> None:
+    def _emit(self, type_: str, track: Track, age: AgeEstimate | None, ts: float) -> None:
         box = track.box_xyxy
         if self.frame_wh is not None:  # detector boxes may overhang the image edge: report the visible part
             w, h = self.frame_wh
@@ -263,21 +303,20 @@ class CameraPipeline:
 
     # -- preview --------------------------------------------------------------------------------------------------
     def _preview(self, frame: Frame) -> None:
-        from agecam.daemon.preview import TrackView, annotate
+        from agecam.daemon.annotate import TrackView, annotate
 
         now = time.monotonic()
         watched = self.recorder is not None or (self.hub is not None and self.hub.watching(self.cam.name))
         if now - self._last_preview_s < (1.0 / self.cfg.preview.max_fps if watched else SNAPSHOT_REFRESH_S):
             return
         self._last_preview_s = now
-        views = [TrackView(tid, st.track.box_xyxy, st.smoother.estimate(), st.quality, True)
-                 for tid, st in self.states.items() if st.track.det_index is not None]
+        views = [TrackView(tid, rec.track.box_xyxy, rec.estimate(), rec.quality, True)
+                 for tid, rec in self.records.items() if rec.track.det_index is not None]
         status = f"{self.cam.name}  {self.stats.fps:4.1f} fps  faces {len(views)}"
         t0 = time.perf_counter()
         image = annotate(frame.image, views, status)
         if self.hub is not None:
             self.hub.publish(self.cam.name, image)
-        if self.recorder is not None and not self.recorder.write(image) and self.metrics:
-            self.metrics.frames_dropped_total.labels(camera=self.cam.name, stage="record").inc()
-        if self.metrics:
-            self.metrics.stage_duration_seconds.labels(stage="annotate").observe(time.perf_counter() - t0)
+        if self.recorder is not None and not self.recorder.write(image):
+            self.metrics.frame_dropped(self.cam.name, "record")
+        self.metrics.stage_time("annotate", time.perf_counter() - t0)

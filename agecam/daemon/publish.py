@@ -5,12 +5,11 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable
-
 import zmq
 
 from agecam.config import EventsConfig
-from agecam.events import encode
+from agecam.daemon.metrics import NullMetrics
+from agecam.events import CAMERA_STATUS, encode
 
 log = logging.getLogger(__name__)
 
@@ -18,14 +17,11 @@ log = logging.getLogger(__name__)
 class Publisher:
     """Owns the PUB socket; pipelines call submit() (non-blocking), the `publish` thread sends."""
 
-    def __init__(self, cfg: EventsConfig, stop: threading.Event,
-                 on_sent: Callable[[dict, float], None] | None = None,
-                 on_drop: Callable[[str], None] | None = None):
+    def __init__(self, cfg: EventsConfig, stop: threading.Event, metrics: NullMetrics = NullMetrics()):
         self.cfg = cfg
         self._stop = stop
         self._queue: queue.Queue[dict] = queue.Queue(maxsize=cfg.queue_size)
-        self._on_sent = on_sent or (lambda ev, send_s: None)
-        self._on_drop = on_drop or (lambda reason: None)
+        self._metrics = metrics
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.PUB)
         self._sock.setsockopt(zmq.SNDHWM, cfg.hwm)
@@ -55,20 +51,21 @@ class Publisher:
             return True
         except queue.Full:
             self.dropped += 1
-            self._on_drop("queue_full")
+            self._metrics.event_dropped("queue_full")
             return False
 
     def _send(self, event: dict) -> None:
         try:
             t0 = time.perf_counter()
             self._sock.send_multipart(encode(event), flags=zmq.NOBLOCK)
-            self._on_sent(event, time.perf_counter() - t0)
+            latency_s = None if event["type"] == CAMERA_STATUS else time.time() - event["ts"]
+            self._metrics.event_published(event["type"], time.perf_counter() - t0, latency_s)
         except zmq.Again:  # high-water mark reached for every peer
             self.dropped += 1
-            self._on_drop("hwm")
+            self._metrics.event_dropped("hwm")
         except zmq.ZMQError as exc:  # never let one bad send kill the thread
             self.dropped += 1
-            self._on_drop("send_error")
+            self._metrics.event_dropped("send_error")
             log.warning("event not sent (%s): %s", event.get("type"), exc)
 
     def _run(self) -> None:
@@ -79,6 +76,11 @@ class Publisher:
                 continue
             self._send(event)
 
+    @property
+    def name(self) -> str:
+        return self._thread.name
+
+    @property
     def alive(self) -> bool:
         """True while the publish thread runs (health checks)."""
         return self._thread.is_alive()

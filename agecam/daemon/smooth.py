@@ -1,15 +1,15 @@
-"""Per-track age fusion (AgeSmoother) and the per-camera choice of which tracks to sample next (AgeSampler)."""
+"""Per-track age fusion: many noisy samples into one estimate whose spread says how far to trust it."""
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from agecam.config import AgeConfig
-from agecam.daemon.types import AgeEstimate
+from agecam.events import AgeEstimate
 
 Z90 = 1.6448536  # central 90% interval of a normal: mean +- Z90 * std
 
@@ -107,49 +107,3 @@ class AgeSmoother:
             samples=n,
             stable=bool(std <= self.stable_std_years and n >= self.stable_min_samples),
         )
-
-
-class AgeSampler:
-    """Decides, per camera, which tracks get an age sample now; pure logic on a clock passed in.
-
-    A new track is due `first_sample_s` after it is first offered, an unconverged one every
-    `unconverged_interval_s`, a stable one every `converged_interval_s`; at most `max_per_call` a call, new
-    tracks first then the most overdue, so inference cost follows the number of people, not the frame rate.
-    A track stays due until `mark_sampled` is called for it.
-    """
-
-    def __init__(self, cfg: AgeConfig | None = None, max_per_call: int | None = None):
-        cfg = cfg or AgeConfig()
-        self.first_sample_s = cfg.first_sample_s
-        self.unconverged_interval_s = cfg.unconverged_interval_s
-        self.converged_interval_s = cfg.converged_interval_s
-        self.max_per_call = max_per_call if max_per_call is not None else cfg.max_batch
-        self._first_seen_s: dict[int, float] = {}
-        self._last_sampled_s: dict[int, float] = {}
-
-    def due(self, tracks: Iterable[tuple[int, AgeEstimate | None]], now_s: float) -> list[int]:
-        """Track ids due for a sample now, most urgent first, at most max_per_call of them."""
-        ranked: list[tuple[float, int]] = []
-        for tid, est in tracks:
-            first = self._first_seen_s.setdefault(tid, now_s)
-            last = self._last_sampled_s.get(tid)
-            if last is None:
-                if now_s - first >= self.first_sample_s:
-                    ranked.append((-math.inf, tid))  # never sampled: ahead of everyone
-                continue
-            interval = self.converged_interval_s if (est is not None and est.stable) else self.unconverged_interval_s
-            overdue = (now_s - last) / interval
-            if overdue >= 1.0:
-                ranked.append((-overdue, tid))
-        ranked.sort()
-        return [tid for _, tid in ranked[: self.max_per_call]]
-
-    def mark_sampled(self, track_id: int, now_s: float) -> None:
-        """Record that `track_id` was sampled (or tried) at `now_s`."""
-        self._first_seen_s.setdefault(track_id, now_s)
-        self._last_sampled_s[track_id] = now_s
-
-    def forget(self, track_id: int) -> None:
-        """Drop an ended track's state."""
-        self._first_seen_s.pop(track_id, None)
-        self._last_sampled_s.pop(track_id, None)

@@ -1,6 +1,8 @@
 """ByteTrack-style multi-object tracker: Kalman boxes on real time steps, two-stage IoU association."""
 from __future__ import annotations
 
+import itertools
+import threading
 from dataclasses import dataclass
 from typing import Literal
 
@@ -181,12 +183,25 @@ def _assign(tracks: list[_LiveTrack], boxes: np.ndarray, min_iou: float) -> tupl
             [j for j in range(len(boxes)) if j not in matched_b])
 
 
+class TrackIds:
+    """One camera's track ID sequence for a whole run: kept across reloads, so no ID is ever issued twice."""
+
+    def __init__(self, first: int = 1):
+        self._ids = itertools.count(first)
+        self._lock = threading.Lock()
+
+    def next(self) -> int:
+        """A new, never issued ID (thread-safe: an old and a new pipeline may overlap during a reload)."""
+        with self._lock:
+            return next(self._ids)
+
+
 class Tracker:
     """Tracks faces of one camera. Pure logic: call update() once per processed frame with its capture time."""
 
-    def __init__(self, cfg: TrackerConfig, first_id: int = 1):
+    def __init__(self, cfg: TrackerConfig, ids: TrackIds | None = None):
         self.cfg = cfg
-        self._next_id = first_id  # > 1 after a reload, so IDs stay unique within the run
+        self._ids = ids if ids is not None else TrackIds()  # a fresh sequence per tracker unless the run shares one
         self._tracks: list[_LiveTrack] = []
         self._ended: list[Track] = []
 
@@ -249,8 +264,7 @@ class Tracker:
         # New tentative tracks from unmatched high-score detections.
         for bi in rest_h3:
             d = int(left_high[bi])
-            t = _LiveTrack(self._next_id, boxes[d], scores[d], d, ts_s)
-            self._next_id += 1
+            t = _LiveTrack(self._ids.next(), boxes[d], scores[d], d, ts_s)
             if cfg.confirm_hits <= 1:
                 t.state = "confirmed"
             keep.append(t)
@@ -272,11 +286,6 @@ class Tracker:
         for i, t in enumerate(live):
             out[i] = _z_to_xyxy(t.kf.predicted_pos(ts_s - t.ts))
         return out
-
-    @property
-    def next_id(self) -> int:
-        """The ID the next new track will get."""
-        return self._next_id
 
     def pop_ended(self) -> list[Track]:
         """Confirmed tracks removed since the last call (each reported once), state 'ended'."""

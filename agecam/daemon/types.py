@@ -31,19 +31,3 @@ class Detections:
     @staticmethod
     def empty() -> "Detections":
         return Detections(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), np.zeros((0, 5, 2), np.float32))
-
-
-@dataclass(frozen=True)
-class AgeEstimate:
-    """A fused age: mean years, spread, a central interval and how many samples made it."""
-
-    years: float
-    std: float
-    low: float
-    high: float
-    samples: int
-    stable: bool
-
-    def as_dict(self) -> dict:
-        return {"years": round(self.years, 2), "std": round(self.std, 2), "low": round(self.low, 2),
-                "high": round(self.high, 2), "samples": self.samples, "stable": self.stable}

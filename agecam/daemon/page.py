@@ -1,0 +1,53 @@
+"""The preview page: every camera's live stream and its status, kept current from /healthz."""
+from __future__ import annotations
+
+import html
+import json
+from urllib.parse import quote
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>agecam preview</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{{font-family:system-ui,sans-serif;background:#111;color:#ddd;margin:1em}}
+h1{{font-size:1.2em;margin:0 0 .5em}}
+.cams{{display:flex;flex-wrap:wrap;gap:1em}}
+figure{{margin:0;background:#222;padding:.5em;border-radius:6px}}
+figcaption{{margin-bottom:.3em}}
+img{{display:block;max-width:100%;width:640px;background:#000}}
+.state{{font-weight:bold}} .online,.ended{{color:#5c5}} .offline,.crashed,.down{{color:#e55}} .starting{{color:#ea3}}
+</style></head><body>
+<h1>agecam &mdash; live preview</h1>
+<div class="cams">
+{figures}
+</div>
+<script>
+const q = {query_json};
+async function poll() {{
+  try {{
+    const r = await fetch('healthz' + q, {{cache: 'no-store'}});
+    const j = await r.json();
+    for (const [name, c] of Object.entries(j.cameras || {{}})) {{
+      const el = document.getElementById('state-' + name);
+      const s = c.status;
+      if (el) {{ el.textContent = s; el.className = 'state ' + s; }}
+    }}
+  }} catch (e) {{}}
+}}
+setInterval(poll, 2000);
+</script>
+</body></html>
+"""
+
+_FIGURE = """<figure id="cam-{name}"><figcaption>{name} &mdash; <span id="state-{name}" class="state {state}">{state}</span></figcaption>
+<img id="stream-{name}" alt="live preview of {name}" src="cameras/{qname}/stream.mjpg{query}"></figure>"""
+
+
+def render_page(camera_status: dict[str, str], token_query: str) -> str:
+    """The HTML page for these cameras (name -> status, in display order); token_query ('' or '?token=...') is
+    appended to every URL the page uses."""
+    figures = "\n".join(
+        _FIGURE.format(name=html.escape(name), qname=quote(name, safe=""), query=html.escape(token_query),
+                       state=html.escape(status))
+        for name, status in camera_status.items())
+    return _PAGE.format(figures=figures, query_json=json.dumps(token_query).replace("<", "\\u003c"))
