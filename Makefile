@@ -22,20 +22,21 @@ test-fast: setup-test models
 
 setup: $(VENV)/.runtime-ok
 
-# The daemon's environment: onnxruntime-gpu (runs on CPU too) and headless OpenCV, then insightface with --no-deps
-# because its own requirements would replace onnxruntime-gpu with CPU onnxruntime and headless OpenCV with the GUI build.
+# The daemon's environment: onnxruntime-gpu (runs on CPU too) and headless OpenCV; what `pip install .` gives a service.
 $(VENV)/.runtime-ok: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e .
-	$(BIN)/python -m pip install -q --no-deps insightface==2.1
-	$(BIN)/python -c "import onnxruntime, cv2, insightface; assert 'CPUExecutionProvider' in onnxruntime.get_available_providers()"
+	$(BIN)/python -c "import onnxruntime, cv2; assert 'CPUExecutionProvider' in onnxruntime.get_available_providers()"
 	touch $@
 
 setup-test: system-deps setup $(VENV)/.test-ok
 
+# Tests also compare against insightface's own SCRFD code: installed with --no-deps, because its requirements would
+# replace onnxruntime-gpu with CPU onnxruntime and headless OpenCV with the GUI build (its real needs are in the extras).
 $(VENV)/.test-ok: pyproject.toml $(VENV)/.runtime-ok
 	$(BIN)/python -m pip install -q $(TORCH) -e ".[train,test]"
+	$(BIN)/python -m pip install -q --no-deps insightface==2.1
 	$(BIN)/python -c "import torch, torchvision, onnxruntime; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'ort', onnxruntime.__version__)"
 	touch $@
 

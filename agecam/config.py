@@ -310,3 +310,14 @@ def secret_free(url: str | int) -> str:
     s = re.sub(r"(?<=://)([^/@\s]*)@", lambda m: ("***@" if m.group(1) else "@"), s)
     s = re.sub(r"(?i)([?&](?:token|password|passwd|pwd|key|secret|auth)[^=]*=)[^&]*", r"\1***", s)
     return s
+
+
+def load_or_report(path: str | Path, stream=None) -> Config | None:
+    """The config at `path`, or None after printing every problem to `stream` (stderr) for a command to exit 2."""
+    import sys
+
+    try:
+        return load(path)
+    except ConfigError as exc:
+        print(exc.report(), file=stream or sys.stderr)
+        return None

@@ -2,26 +2,25 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from agecam import exits
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("config", help="configuration tools")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     c = csub.add_parser("check", help="validate a YAML config; exit 0 when OK, 2 with the list of errors")
-    c.add_argument("file", type=Path)
+    c.add_argument("file", type=Path, help="the YAML config file to check")
     c.set_defaults(func=check_command)
 
 
 def check_command(args) -> int:
-    from agecam.config import ConfigError, load
+    from agecam.config import load_or_report
 
-    try:
-        cfg = load(args.file)
-    except ConfigError as exc:
-        print(exc.report(), file=sys.stderr)
-        return 2
+    cfg = load_or_report(args.file)
+    if cfg is None:
+        return exits.USAGE
     names = ", ".join(c.name for c in cfg.cameras)
     print(f"{args.file}: OK ({len(cfg.cameras)} camera(s): {names})")
     return 0

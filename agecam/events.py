@@ -64,6 +64,13 @@ class EventFactory:
         return ev
 
 
+def event_schema() -> dict:
+    """The JSON Schema of v1 events (agecam/schemas/event.v1.json, shipped inside the package)."""
+    from importlib.resources import files
+
+    return json.loads(files("agecam").joinpath("schemas/event.v1.json").read_text())
+
+
 def topic(event: dict) -> bytes:
     """ZeroMQ topic `<type>/<camera>`, so subscribers filter by prefix."""
     return f"{event['type']}/{event['camera']}".encode()

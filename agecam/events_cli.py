@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from agecam import exits
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("events", help="print events from a running daemon, one JSON object per line")
@@ -29,7 +31,7 @@ def events_command(args) -> int:
         while not args.count or seen < args.count:
             if not poller.poll(int(args.timeout * 1000) if args.timeout else None):
                 print(f"no event for {args.timeout:g} s from {args.connect}", file=sys.stderr)
-                return 3
+                return exits.NO_EVENTS
             _topic, payload = sock.recv_multipart()
             sys.stdout.write(payload.decode() + "\n")
             sys.stdout.flush()
@@ -40,4 +42,4 @@ def events_command(args) -> int:
         pass
     finally:
         sock.close(0)
-    return 0
+    return exits.OK

@@ -32,6 +32,31 @@ def default_models(models_dir):
     return ensure_models(models_dir)
 
 
+@pytest.fixture
+def run_capture():
+    """run_capture(cam_cfg, open_fn=None, slot=None) -> (CaptureThread, slot, Statuses, stop event), started;
+    on teardown every one is stopped and must join within the daemon's join timeout."""
+    import threading
+
+    from agecam.daemon.capture import CaptureThread
+    from tests.helpers import RecordingSlot, Statuses
+
+    started = []
+
+    def start(cfg, open_fn=None, slot=None):
+        stop, statuses, slot = threading.Event(), Statuses(), slot or RecordingSlot()
+        cap = CaptureThread(cfg, slot, stop, on_status=statuses, open_fn=open_fn)
+        cap.start()
+        started.append((cap, stop))
+        return cap, slot, statuses, stop
+
+    yield start
+    for _, stop in started:
+        stop.set()
+    for cap, _ in started:
+        assert cap.join(3.0), f"{cap.name} did not stop within 3 s"
+
+
 @pytest.fixture(scope="session")
 def rtsp_ready() -> None:
     """Fails (never skips) when Debian's GStreamer RTSP server cannot run: `make test` installs it."""

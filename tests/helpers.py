@@ -5,6 +5,7 @@ Every part `make test` installs is *required*: a test that needs one calls `need
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes.util
 import importlib
 import json
@@ -39,7 +40,7 @@ REQUIRED_MODULES = {
     "torch": "make test (torch==2.14.1, the train extra)",
     "torchvision": "make test (torchvision==0.29.1, the train extra)",
     "dlib": "pip package dlib-bin (a runtime dependency)",
-    "insightface": "make setup (insightface==2.1 --no-deps)",
+    "insightface": "make test (insightface==2.1 --no-deps, the SCRFD reference)",
     "jsonschema": "the test extra",
     "skimage": "pip package scikit-image (a runtime dependency)",
 }
@@ -199,3 +200,57 @@ def agecam_cmd() -> list[str]:
 def not_uniform(img: np.ndarray, min_std: float = 5.0) -> bool:
     """True when an image has visible content (a blank or single-colour plot fails)."""
     return img is not None and float(np.asarray(img, np.float32).std()) > min_std
+
+
+# -- a running daemon in this process --------------------------------------------------------------------------------
+class RunningApp:
+    """What `running_app` yields: the App, a real subscriber on its events, and (after the block) stuck threads."""
+
+    def __init__(self, app, sub: Subscriber):
+        self.app, self.sub = app, sub
+        self.stuck: list[str] | None = None
+
+    def wait_ended(self, timeout_s: float) -> bool:
+        """Wait until every camera has ended (finite demo or file sources); True when they have."""
+        deadline = time.monotonic() + timeout_s
+        while not self.app.all_ended() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return self.app.all_ended()
+
+
+@contextlib.contextmanager
+def running_app(doc: dict, models_dir, **app_kwargs):
+    """An in-process App on config `doc` with events on a free loopback port and a real ZeroMQ subscriber.
+
+    Metrics and preview are off unless `doc` sets them; runtime.models_dir defaults to the fetched models. The App
+    is stopped when the block ends (stuck thread names in `.stuck`), then the subscriber collects the last events.
+    """
+    from agecam.config import parse
+    from agecam.daemon.app import App
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    doc = {"metrics": {"bind": None}, "preview": {"bind": None}, **doc}
+    doc["events"] = {**doc.get("events", {}), "bind": endpoint}
+    doc["runtime"] = {"models_dir": str(models_dir), **doc.get("runtime", {})}
+    sub = Subscriber(endpoint)
+    run = RunningApp(App(parse(doc), **app_kwargs), sub)
+    try:
+        run.app.start()
+        yield run
+    finally:
+        run.stuck = run.app.stop()
+        sub.close()
+
+
+def read_video(path) -> list[np.ndarray]:
+    """Every frame OpenCV decodes from a video file (an empty list when it cannot be opened)."""
+    import cv2
+
+    cap, frames = cv2.VideoCapture(str(path)), []
+    while True:
+        ok, img = cap.read()
+        if not ok:
+            break
+        frames.append(img)
+    cap.release()
+    return frames

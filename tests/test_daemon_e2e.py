@@ -11,38 +11,25 @@ import jsonschema
 import numpy as np
 import pytest
 
-from agecam.config import parse
-from agecam.daemon.app import App
-from tests.helpers import Subscriber, free_port, iou
+from agecam.events import event_schema
+from tests.helpers import Subscriber, free_port, iou, read_video, running_app
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMA = json.loads((ROOT / "schemas" / "event.v1.json").read_text())
+SCHEMA = event_schema()
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def demo_run(models_dir):
     """One 12 s demo scene (one full script cycle) through the in-process daemon, with a real subscriber."""
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    cfg = parse({
-        "cameras": [{"name": "demo", "source": "demo", "demo_duration_s": 12.0, "demo_seed": 0}],
-        "events": {"bind": endpoint, "update_max_interval_s": 2.0},
-        "metrics": {"bind": None}, "preview": {"bind": None},
-        "runtime": {"models_dir": str(models_dir)},
-    })
     truth: dict[float, tuple] = {}
-    sub = Subscriber(endpoint)
-    app = App(cfg, frame_tap=lambda frame, dets: truth.__setitem__(round(frame.ts, 3), frame.truth))
-    app.start()
-    deadline = time.monotonic() + 90
-    while not app.all_ended() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    ended_in_time = app.all_ended()
-    stats = app.pipelines["demo"].stats
-    stuck = app.stop()
-    sub.close()
-    return {"events": sub.events, "topics": sub.topics, "truth": truth, "stuck": stuck,
-            "ended_in_time": ended_in_time, "stats": stats, "run_id": app.events.run_id}
+    doc = {"cameras": [{"name": "demo", "source": "demo", "demo_duration_s": 12.0, "demo_seed": 0}],
+           "events": {"update_max_interval_s": 2.0}}
+    with running_app(doc, models_dir,
+                     frame_tap=lambda frame, dets: truth.__setitem__(round(frame.ts, 3), frame.truth)) as run:
+        ended_in_time = run.wait_ended(90)
+    return {"events": run.sub.events, "topics": run.sub.topics, "truth": truth, "stuck": run.stuck,
+            "ended_in_time": ended_in_time, "run_id": run.app.events.run_id}
 
 
 def test_events_validate_and_are_sequenced(demo_run):
@@ -236,8 +223,8 @@ def test_bad_age_model_is_refused_at_startup(tmp_path, models_dir, case):
     path, _ = _write_config(tmp_path, models_dir, [{"name": "demo", "source": "demo"}], age={"model": str(model)})
     proc = _agecam("run", "--config", str(path))
     out, err = proc.communicate(timeout=60)
-    # then the daemon refuses to start and says what was expected
-    assert proc.returncode == 1, f"exit {proc.returncode}: {err[-1500:]}"
+    # then the daemon refuses to start (exit 2: input refused, a restart will not help) and says what was expected
+    assert proc.returncode == 2, f"exit {proc.returncode}: {err[-1500:]}"
     expected = "file not found" if case == "missing_model" else "agecam.contract"
     assert expected in err and str(model) in err, err[-1500:]
 
@@ -253,28 +240,13 @@ def test_config_errors_exit_2_with_paths(tmp_path):
 
 def test_annotated_stream_is_recorded_to_a_video_file(tmp_path, models_dir):
     # given a short demo run with preview.record_path set and no preview server
-    import cv2
 
-    cfg = parse({
-        "cameras": [{"name": "demo", "source": "demo", "demo_duration_s": 5.0}],
-        "events": {"bind": f"tcp://127.0.0.1:{free_port()}"}, "metrics": {"bind": None},
-        "preview": {"bind": None, "record_path": str(tmp_path / "rec")},
-        "runtime": {"models_dir": str(models_dir)},
-    })
-    app = App(cfg)
-    app.start()
-    deadline = time.monotonic() + 60
-    while not app.all_ended() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    app.stop()
+    doc = {"cameras": [{"name": "demo", "source": "demo", "demo_duration_s": 5.0}],
+           "preview": {"bind": None, "record_path": str(tmp_path / "rec")}}
+    with running_app(doc, models_dir) as run:
+        assert run.wait_ended(60), "the 5 s demo camera did not end within 60 s"
     # then <record_path>/<camera>.mp4 holds the annotated frames: the status line is drawn on every one
-    cap = cv2.VideoCapture(str(tmp_path / "rec" / "demo.mp4"))
-    frames = []
-    while True:
-        ok, img = cap.read()
-        if not ok:
-            break
-        frames.append(img)
+    frames = read_video(tmp_path / "rec" / "demo.mp4")
     assert len(frames) >= 10, f"only {len(frames)} frames recorded from a 5 s scene"
     assert frames[0].shape == (480, 640, 3), frames[0].shape
     # the annotation darkens a status band at the top to 2/7: far darker than the scene just below it

@@ -1,14 +1,11 @@
 """Event building, encoding, schema conformance and the update policy."""
 import json
-from pathlib import Path
-
 import jsonschema
 import pytest
 
-from agecam.events import AgeEstimate
-from agecam.events import EventFactory, UpdatePolicy, encode
+from agecam.events import AgeEstimate, EventFactory, UpdatePolicy, encode, event_schema
 
-SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "schemas" / "event.v1.json").read_text())
+SCHEMA = event_schema()
 AGE = AgeEstimate(34.2, 3.1, 29.0, 39.5, 12, True)
 
 

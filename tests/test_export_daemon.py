@@ -1,11 +1,7 @@
 """The daemon runs an exported ResNet50 on the demo source, and the ages it publishes come from that model."""
-import time
-
 import pytest
 
-from agecam.config import parse
-from agecam.daemon.app import App
-from tests.helpers import Subscriber, free_port
+from tests.helpers import running_app
 
 pytestmark = pytest.mark.slow
 PLANTED_AGE_YEARS = 87.0
@@ -34,26 +30,13 @@ def planted_model(trained_checkpoint, tmp_path_factory):
 
 def test_daemon_publishes_ages_from_the_exported_model(planted_model, models_dir):
     # given the daemon configured with the exported model: exactly one config line differs from the default
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    cfg = parse({
-        "cameras": [{"name": "demo", "source": "demo", "demo_duration_s": 8.0}],
-        "age": {"model": str(planted_model)},
-        "events": {"bind": endpoint}, "metrics": {"bind": None}, "preview": {"bind": None},
-        "runtime": {"models_dir": str(models_dir)},
-    })
-    sub = Subscriber(endpoint)
-    app = App(cfg)
-    app.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not app.all_ended() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert app._age_model.path == planted_model and len(app._age_model.bins_years) == 100, \
+    doc = {"cameras": [{"name": "demo", "source": "demo", "demo_duration_s": 8.0}], "age": {"model": str(planted_model)}}
+    with running_app(doc, models_dir) as run:
+        assert run.wait_ended(60), "the 8 s demo camera did not end within 60 s"
+        age_model = run.app._age_model
+        assert age_model.path == planted_model and len(age_model.bins_years) == 100, \
             "the daemon did not load the exported model (the reference has 81 bins)"
-    finally:
-        app.stop()
-        sub.close()
     # then every published age is the planted one: the ages come from the exported model, not the reference
-    ages = [e["age"]["years"] for e in sub.events if e.get("age")]
+    ages = [e["age"]["years"] for e in run.sub.events if e.get("age")]
     assert ages, "no event carried an age"
     assert all(abs(a - PLANTED_AGE_YEARS) < 1.5 for a in ages), f"ages not from the exported model: {sorted(set(ages))[:10]}"

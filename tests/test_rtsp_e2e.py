@@ -4,9 +4,7 @@ import time
 
 import pytest
 
-from agecam.config import parse
-from agecam.daemon.app import App
-from tests.helpers import Subscriber, free_port
+from tests.helpers import running_app
 from tests.media import RtspServer, make_demo_mp4
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("rtsp_ready")]
@@ -15,17 +13,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("rtsp_ready")]
 def test_rtsp_camera_survives_server_restart(rtsp_ready, models_dir):
     # given a real RTSP server with a password, serving the demo scene, and the daemon reading it
     server = RtspServer(make_demo_mp4(seconds=12.0), user="viewer", password="pa55word").start()
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    cfg = parse({
-        "cameras": [{"name": "door", "source": server.url, "open_timeout_s": 5, "read_timeout_s": 2,
-                     "reconnect_min_s": 0.5, "reconnect_max_s": 2}],
-        "events": {"bind": endpoint}, "metrics": {"bind": None}, "preview": {"bind": None},
-        "runtime": {"models_dir": str(models_dir)},
-    })
-    sub = Subscriber(endpoint)
-    app = App(cfg)
-    app.start()
-    try:
+    doc = {"cameras": [{"name": "door", "source": server.url, "open_timeout_s": 5, "read_timeout_s": 2,
+                        "reconnect_min_s": 0.5, "reconnect_max_s": 2}]}
+    with running_app(doc, models_dir) as run:
+        sub = run.sub
         # then frames flow and faces are tracked
         assert sub.wait_for(lambda e: e["type"] == "track.start", 60), "no track.start from the RTSP camera"
         # when the server dies
@@ -41,14 +32,11 @@ def test_rtsp_camera_survives_server_restart(rtsp_ready, models_dir):
         assert sub.wait_for(lambda e: e["type"] == "track.start" and e["seq"] > sub.events[n_before - 1]["seq"], 60), \
             "no new track after the reconnect"
         print(f"reconnected {reconnect_s:.1f} s after the server restarted")
-    finally:
-        stuck = app.stop()
-        server.stop()
-        sub.close()
-    assert not stuck, f"threads did not stop: {stuck}"
+    server.stop()
+    assert not run.stuck, f"threads did not stop: {run.stuck}"
     statuses = [e["status"] for e in sub.events if e["type"] == "camera.status"]
     assert statuses[:1] == ["online"] and "offline" in statuses and statuses.count("online") >= 2, statuses
     offline = [e["reason"] for e in sub.events if e.get("status") == "offline"]
     assert all(r for r in offline), f"offline without a reason: {offline}"
     assert "pa55word" not in json.dumps(sub.events), "the RTSP password leaked into events"
-    assert app.cameras["door"].reconnects >= 1
+    assert run.app.cameras["door"].reconnects >= 1

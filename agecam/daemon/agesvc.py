@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from agecam.daemon.metrics import NullMetrics
+from agecam.daemon.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +37,12 @@ class AgeResult:
     ts: float
 
 
-class AgeService:
+class AgeService(Worker):
     """Collects requests from all pipelines and runs them in batches of up to max_batch."""
 
     def __init__(self, model, max_batch: int, stop: threading.Event, metrics: NullMetrics = NullMetrics(),
                  queue_size: int = 256):
+        super().__init__("age")
         self.model = model
         self.max_batch = max_batch
         self._stop = stop
@@ -49,11 +51,6 @@ class AgeService:
         self.dropped = 0
         self.batches = 0
         self.faces = 0
-        self._thread = threading.Thread(target=self._run, name="age", daemon=True)
-        self.heartbeat_s = time.monotonic()
-
-    def start(self) -> None:
-        self._thread.start()
 
     def submit(self, req: AgeRequest) -> bool:
         """Queue a chip without blocking; False (and counted) when the service is saturated."""
@@ -92,16 +89,3 @@ class AgeService:
                 except queue.Full:
                     pass  # the pipeline is gone or far behind; the sample is simply lost
 
-    @property
-    def name(self) -> str:
-        return self._thread.name
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def join(self, timeout_s: float) -> bool:
-        """Wait for the thread after stop is set; True when it has finished."""
-        if self._thread.is_alive():
-            self._thread.join(timeout_s)
-        return not self._thread.is_alive()

@@ -4,13 +4,13 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import sys
 import threading
 import time
 from collections import defaultdict
 from pathlib import Path
 
-from agecam.config import Config, ConfigError, load, secret_free
+from agecam import exits
+from agecam.config import Config, ConfigError, load, load_or_report, secret_free
 from agecam.daemon.health import CameraHealth, CameraState, HealthReport
 from agecam.daemon.track import TrackIds
 
@@ -220,9 +220,9 @@ class App:
 
 # -- the `agecam run` command -------------------------------------------------------------------------------------
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="run the daemon until SIGTERM/SIGINT")
-    p.add_argument("--config", required=True, type=Path, help="YAML config file")
-    p.add_argument("--log-format", choices=["text", "json"], help="override runtime.log_format")
+    p = sub.add_parser("run", help="run the daemon until SIGTERM/SIGINT (SIGHUP reloads the config)")
+    p.add_argument("--config", required=True, type=Path, help="YAML config file (see config/example.yaml)")
+    p.add_argument("--log-format", choices=["text", "json"], help="override runtime.log_format (default: the config's)")
     p.set_defaults(func=run_command)
 
 
@@ -240,11 +240,9 @@ def run_command(args) -> int:
     from agecam.daemon.systemd import Notifier, WatchdogPinger
     from agecam.logs import add_secret, setup_logging
 
-    try:
-        cfg = load(args.config)
-    except ConfigError as exc:
-        print(exc.report(), file=sys.stderr)
-        return 2
+    cfg = load_or_report(args.config)
+    if cfg is None:
+        return exits.USAGE
     setup_logging(cfg.runtime.log_level, args.log_format or cfg.runtime.log_format)
     add_secret(cfg.preview.token)
     notifier = Notifier()
@@ -261,7 +259,7 @@ def run_command(args) -> int:
         log.error("cannot start: %s", exc)
         app.stop()
         notifier.stopping()
-        return 1
+        return exits.USAGE if _is_refused_input(exc) else exits.FAILURE
     print(_describe(cfg, app), flush=True)
     pinger = WatchdogPinger(notifier, lambda: app.healthy(), terminate)
     pinger.start()
@@ -279,7 +277,7 @@ def run_command(args) -> int:
                 log.error("no config could be restarted after a failed reload; exiting so the service manager restarts us")
                 notifier.stopping()
                 pinger.join(2.0)
-                return 1
+                return exits.FAILURE
         if app.all_ended():
             log.info("every camera has ended; stopping")
             break
@@ -287,7 +285,16 @@ def run_command(args) -> int:
     log.info("stopping")
     stuck = app.stop()
     pinger.join(2.0)
-    return 1 if stuck else 0
+    return exits.FAILURE if stuck else exits.OK
+
+
+def _is_refused_input(exc: Exception) -> bool:
+    """A model file that is missing or fails its contract: the operator must fix it, a restart will not help."""
+    from agecam.daemon.detect import DetectorModelError
+    from agecam.models.contract import ModelContractError
+    from agecam.models.fetch import MissingModelsError
+
+    return isinstance(exc, (DetectorModelError, ModelContractError, MissingModelsError, FileNotFoundError))
 
 
 def _reload(app: App, path: Path, notifier) -> App | None:

@@ -20,6 +20,7 @@ from agecam.daemon.backoff import Backoff
 from agecam.daemon.slot import LatestSlot
 from agecam.daemon.sources import SourceEnded, SourceError, open_source
 from agecam.daemon.types import Frame
+from agecam.daemon.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class _Session:
         self.done: queue.Queue[bool] = queue.Queue(maxsize=1)  # the worker puts once when it finishes
 
 
-class CaptureThread:
+class CaptureThread(Worker):
     """Reads one camera into its LatestSlot; reports online/offline/ended transitions; reconnects with backoff.
 
     The thread `capture:<camera>` supervises; each open-and-read attempt runs in a worker thread `capture:<camera>:io`
@@ -61,8 +62,7 @@ class CaptureThread:
         self.on_status = on_status
         self.on_frame = on_frame
         self.open_fn = open_fn or open_source
-        self.name = f"capture:{cam_cfg.name}"
-        self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        super().__init__(f"capture:{cam_cfg.name}")
         self.status: str | None = None
         self.reason = ""
         self.frames_captured = 0
@@ -75,21 +75,6 @@ class CaptureThread:
         self._session: _Session | None = None
         self._stuck: list[threading.Thread] = []
         self._source_text = secret_free(cam_cfg.source)
-
-    # public -----------------------------------------------------------------------------------------------------
-    def start(self) -> None:
-        self.thread.start()
-
-    def join(self, timeout: float | None = None) -> bool:
-        """Wait for the thread to finish (set the shared stop Event first); True when it has."""
-        if self.thread.ident is None:
-            return True
-        self.thread.join(timeout)
-        return not self.thread.is_alive()
-
-    @property
-    def alive(self) -> bool:
-        return self.thread.is_alive()
 
     # status -----------------------------------------------------------------------------------------------------
     def _set_status(self, status: str, reason: str, session: _Session | None = None) -> None:
@@ -152,6 +137,7 @@ class CaptureThread:
         worker.start()
         open_deadline_s = cfg.open_timeout_s + min(OPEN_GRACE_S, cfg.open_timeout_s)
         while True:
+            self.heartbeat_s = time.monotonic()
             try:
                 session.done.get(timeout=POLL_S)
             except queue.Empty:

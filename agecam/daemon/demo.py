@@ -1,10 +1,8 @@
 """The `demo` scene: real face photos from installed packages moving over a real background, with ground truth."""
 from __future__ import annotations
 
-import importlib.util
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -67,13 +65,6 @@ class Drawn:
     visible_frac: float
 
 
-def _package_dir(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.origin is None:
-        raise RuntimeError(f"the demo scene needs the installed package {name!r} for its face photos")
-    return Path(spec.origin).parent
-
-
 def _soft_ellipse(h: int, w: int) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     r = np.sqrt(((xx + 0.5 - w / 2) / (w / 2)) ** 2 + ((yy + 0.5 - h / 2) / (h / 2)) ** 2)
@@ -95,11 +86,13 @@ def _head(name: str, img_bgr: np.ndarray, face: tuple[int, int, int, int]) -> _H
 
 def load_heads() -> list[_Head]:
     """The eight faces available offline, as head crops (t1-a..t1-f, astronaut, hanks)."""
-    images = _package_dir("insightface") / "data" / "images"
-    t1 = cv2.imread(str(images / "t1.jpg"), cv2.IMREAD_COLOR)
-    hanks = cv2.imread(str(images / "Tom_Hanks_54745.png"), cv2.IMREAD_COLOR)
+    from agecam.models.samples import sample_image
+
+    t1_path, hanks_path = sample_image("t1.jpg"), sample_image("Tom_Hanks_54745.png")
+    t1 = cv2.imread(str(t1_path), cv2.IMREAD_COLOR)
+    hanks = cv2.imread(str(hanks_path), cv2.IMREAD_COLOR)
     if t1 is None or hanks is None:
-        raise RuntimeError(f"cannot read insightface's sample images in {images}")
+        raise RuntimeError(f"cannot decode the sample photos {t1_path} and {hanks_path}")
     from skimage import data as skdata  # scikit-image bundles astronaut.png
 
     astronaut = cv2.cvtColor(skdata.astronaut(), cv2.COLOR_RGB2BGR)

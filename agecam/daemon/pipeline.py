@@ -19,6 +19,7 @@ from agecam.daemon.sampling import Cadence, due_for_sample
 from agecam.daemon.smooth import AgeSmoother
 from agecam.daemon.track import Track, Tracker, TrackIds
 from agecam.daemon.types import Detections, Frame
+from agecam.daemon.worker import Worker
 from agecam.events import AgeEstimate, EventFactory, UpdatePolicy
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def _shift(d: Detections, dx: float, dy: float, scale: float = 1.0) -> Detection
     return Detections(boxes.astype(np.float32), d.scores, lm.astype(np.float32) if lm is not None else None)
 
 
-class CameraPipeline:
+class CameraPipeline(Worker):
     """The `pipeline:<camera>` thread: takes the latest frame and runs it through every stage.
 
     How an age sample travels: when a track is due (`due_for_sample` over the track records), its face chip goes
@@ -93,6 +94,7 @@ class CameraPipeline:
                  events: EventFactory, submit, stop: threading.Event, ended: threading.Event,
                  metrics: NullMetrics = NullMetrics(), hub=None, recorder=None, frame_tap=None,
                  track_ids: TrackIds | None = None):
+        super().__init__(f"pipeline:{cam.name}")
         self.cam = cam
         self.cfg = cfg
         self.slot = slot
@@ -113,48 +115,29 @@ class CameraPipeline:
         self.records: dict[int, TrackRecord] = {}
         self.replies: queue.Queue[AgeResult] = queue.Queue(maxsize=REPLY_QUEUE_SIZE)
         self.stats = PipelineStats()
-        self.heartbeat_s = time.monotonic()
         self.crashed = False
         self.last_frame_ts = 0.0
         self.frame_wh: tuple[int, int] | None = None  # size of the latest frame, to clip event boxes
         self._last_full_ts = -1e18
         self._last_preview_s = 0.0
         self._fps_window: deque[float] = deque(maxlen=256)
-        self.thread = threading.Thread(target=self._run_guarded, name=f"pipeline:{cam.name}", daemon=True)
 
-    # -- worker surface -------------------------------------------------------------------------------------------
-    @property
-    def name(self) -> str:
-        return self.thread.name
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def join(self, timeout_s: float) -> bool:
-        """Wait for the thread (after stop or end); True when it has finished or never started."""
-        if self.thread.ident is not None:
-            self.thread.join(timeout_s)
-        return not self.thread.is_alive()
-
-    @property
-    def alive(self) -> bool:
-        return self.thread.is_alive()
-
+    # -- health ---------------------------------------------------------------------------------------------------
     def snapshot(self) -> PipelineSnapshot:
         return PipelineSnapshot(alive=self.alive, crashed=self.crashed, heartbeat_s=self.heartbeat_s,
                                 fps=self.stats.fps, tracks=len(self.records), last_frame_ts=self.last_frame_ts)
 
     # -- thread -------------------------------------------------------------------------------------------------
-    def _run_guarded(self) -> None:
+    def _run(self) -> None:
         try:
-            self._run()
+            self._loop()
         except Exception:
             log.exception("pipeline:%s crashed; its tracks are ended and the camera is marked unhealthy", self.cam.name)
             self.crashed = True
         finally:
             self._end_all(time.time())
 
-    def _run(self) -> None:
+    def _loop(self) -> None:
         idle_since = time.monotonic()
         while not self.stop.is_set():
             self.heartbeat_s = time.monotonic()

@@ -9,15 +9,17 @@ import zmq
 
 from agecam.config import EventsConfig
 from agecam.daemon.metrics import NullMetrics
+from agecam.daemon.worker import Worker
 from agecam.events import CAMERA_STATUS, encode
 
 log = logging.getLogger(__name__)
 
 
-class Publisher:
+class Publisher(Worker):
     """Owns the PUB socket; pipelines call submit() (non-blocking), the `publish` thread sends."""
 
     def __init__(self, cfg: EventsConfig, stop: threading.Event, metrics: NullMetrics = NullMetrics()):
+        super().__init__("publish")
         self.cfg = cfg
         self._stop = stop
         self._queue: queue.Queue[dict] = queue.Queue(maxsize=cfg.queue_size)
@@ -39,10 +41,6 @@ class Publisher:
                 raise RuntimeError(f"events.bind {cfg.bind}: cannot bind ({exc})") from None
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.dropped = 0
-        self._thread = threading.Thread(target=self._run, name="publish", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
 
     def submit(self, event: dict) -> bool:
         """Queue an event without blocking; a full queue drops it and counts the drop."""
@@ -70,26 +68,12 @@ class Publisher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            self.heartbeat_s = time.monotonic()
             try:
                 event = self._queue.get(timeout=0.2)
             except queue.Empty:
                 continue
             self._send(event)
-
-    @property
-    def name(self) -> str:
-        return self._thread.name
-
-    @property
-    def alive(self) -> bool:
-        """True while the publish thread runs (health checks)."""
-        return self._thread.is_alive()
-
-    def join(self, timeout_s: float) -> bool:
-        """Wait for the thread; True when it stopped."""
-        if self._thread.is_alive():
-            self._thread.join(timeout_s)
-        return not self._thread.is_alive()
 
     def drain_and_close(self) -> int:
         """After every producer has stopped: send what is still queued, then close. Returns how many were sent."""

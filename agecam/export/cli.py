@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from agecam import exits
+
 
 def register(subparsers) -> None:
     """Add the `export` sub-command (torch is imported only when it runs)."""
@@ -44,8 +46,8 @@ def run(args: argparse.Namespace) -> int:
                           log=lambda msg: print(f"export: {msg}", flush=True))
     except (ExportCheckError, ModelContractError) as exc:
         print(f"agecam export: refused, {args.out} not written: {exc}", file=sys.stderr)
-        return 2
+        return exits.USAGE
     except (FileNotFoundError, ValueError) as exc:
         print(f"agecam export: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        return exits.USAGE
+    return exits.OK

@@ -42,6 +42,19 @@ def _package_dir(name: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def _sample_path(package: str, rel: str) -> Path | None:
+    """A packaged sample image: insightface's from the package or the fetched copies, others from their package."""
+    if package == "insightface":
+        from agecam.models.samples import sample_image
+
+        try:
+            return sample_image(Path(rel).name)
+        except FileNotFoundError:
+            return None
+    root = _package_dir(package)
+    return root / rel if root is not None and (root / rel).is_file() else None
+
+
 def _read_rgb(path: Path) -> np.ndarray:
     bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if bgr is None:
@@ -65,10 +78,10 @@ def packaged_faces(margin: float = 0.2) -> FaceSet:
     """The 8 real faces that ship in insightface and scikit-image, as square crops (UTKFace-like framing)."""
     images, names = [], []
     for package, rel, boxes in _PACKAGED_FACES:
-        root = _package_dir(package)
-        if root is None or not (root / rel).is_file():
+        path = _sample_path(package, rel)
+        if path is None:
             continue
-        rgb = _read_rgb(root / rel)
+        rgb = _read_rgb(path)
         for i, box in enumerate(boxes):
             crop = rgb if box == (0, 0, rgb.shape[1], rgb.shape[0]) else _square_crop(rgb, box, margin)
             images.append(crop)

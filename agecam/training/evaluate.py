@@ -35,17 +35,21 @@ def find_split_file(ckpt: dict, checkpoint_path: Path, split_file: str | None, l
 
 
 @torch.no_grad()
-def predict(model, paths, prep: Preprocessing, device: torch.device, batch_size: int = 64, workers: int = 0):
-    """Softmax probabilities [N, classes] (float32 numpy) for the images, in order."""
+def predict(model, paths, prep: Preprocessing, device: torch.device, batch_size: int = 64, workers: int = 0,
+            log=None):
+    """Softmax probabilities [N, classes] (float32 numpy) for the images, in order; progress to `log` (10 steps)."""
     ds = FaceDataset(paths, [0.0] * len(paths), prep, train=False)
     loader = make_loader(ds, batch_size, workers=workers, pin_memory=device.type == "cuda")
     model = model.to(device).eval()
-    out = []
-    for x_u8, _, _ in loader:
+    out, done, every = [], 0, max(1, len(loader) // 10)
+    for i, (x_u8, _, _) in enumerate(loader, 1):
         x = normalize(x_u8.to(device), prep)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(x)
         out.append(torch.softmax(logits.float(), 1).cpu())
+        done += len(x_u8)
+        if log is not None and (i % every == 0 or i == len(loader)):
+            log(f"evaluate: {done}/{len(paths)} images")
     return torch.cat(out).numpy() if out else np.zeros((0, len(M.BINS_YEARS)), np.float32)
 
 
@@ -97,7 +101,8 @@ def evaluate(checkpoint: str | Path, data: str | Path, out: str | Path | None = 
         raise ValueError(f"split {split_path} has no '{split}' images")
     dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
     prep = Preprocessing.from_checkpoint(ckpt)
-    probs = predict(model, [Path(data) / r.file for r in rows], prep, dev, batch_size, workers)
+    log(f"evaluate: {len(rows)} images of the '{split}' split ({split_path.name}) on {dev}")
+    probs = predict(model, [Path(data) / r.file for r in rows], prep, dev, batch_size, workers, log=log)
     bins = np.asarray(ckpt["bins_years"], dtype=np.float64)
     true = np.array([r.age_years for r in rows], dtype=np.float64)
     metrics, per = compute_metrics(probs.astype(np.float64), true, bins, [r.gender for r in rows],
