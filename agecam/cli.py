@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "agecam.daemon.app",  # run
     "agecam.events_cli",  # events
     "agecam.config_cli",  # config check
+    "agecam.keys",  # keys generate
     "agecam.models.fetch",  # models fetch
     "agecam.training.cli",  # eda, split, train, evaluate
     "agecam.export.cli",  # export

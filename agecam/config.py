@@ -1,13 +1,18 @@
 """The one typed configuration schema, loaded from YAML, with errors that name their field."""
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, StrictStr, ValidationError,
+                      field_validator, model_validator)
+
+from agecam.secrets import resolve_refs, secret_free, url_secrets
 
 DEFAULT_MODELS_DIR = Path(os.environ.get("AGECAM_MODELS_DIR", Path.home() / ".cache" / "agecam" / "models"))
 
@@ -15,7 +20,7 @@ DEFAULT_MODELS_DIR = Path(os.environ.get("AGECAM_MODELS_DIR", Path.home() / ".ca
 class _Section(BaseModel):
     """Base for every section: unknown keys are refused, values are checked on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class CameraConfig(_Section):
@@ -25,24 +30,25 @@ class CameraConfig(_Section):
         description="Short unique name; used in event topics, metric labels and preview URLs.",
         pattern=r"^[A-Za-z0-9_.-]{1,64}$",
     )
-    source: str | int = Field(
-        description="'demo' (synthetic scene of real faces), a video file path, a camera index or /dev/videoN, "
-        "or an rtsp:// URL (credentials in the URL are never logged).",
+    source: StrictInt | StrictStr = Field(
+        description="'demo' (synthetic scene of real faces), a video file path, a camera index, /dev/videoN or "
+        "/dev/v4l/by-id|by-path/..., or an rtsp:// URL (credentials never logged; keep them out of the file with "
+        "${env:NAME} or ${cred:NAME}).",
     )
-    loop: bool = Field(False, description="Replay a video file from the start when it ends instead of ending the camera.")
-    enabled: bool = Field(True, description="Skip this camera without deleting its section.")
+    loop: StrictBool = Field(False, description="Replay a video file from the start when it ends instead of ending the camera.")
+    enabled: StrictBool = Field(True, description="Skip this camera without deleting its section.")
     max_fps: float | None = Field(
-        None, gt=0, description="Process at most this many frames per second; extra frames are skipped. None: source rate."
+        None, gt=0, le=240, description="Process at most this many frames per second; extra frames are skipped. None: source rate."
     )
-    width: int | None = Field(None, gt=0, description="Requested capture width for USB cameras; None keeps the driver's.")
-    height: int | None = Field(None, gt=0, description="Requested capture height for USB cameras; None keeps the driver's.")
-    open_timeout_s: float = Field(10.0, gt=0, description="Give up opening a source after this long; longer tolerates slow RTSP servers.")
-    read_timeout_s: float = Field(5.0, gt=0, description="Watchdog: no frame for this long marks the camera offline and reconnects.")
-    reconnect_min_s: float = Field(0.5, gt=0, description="First reconnect delay; doubled after each failure.")
-    reconnect_max_s: float = Field(30.0, gt=0, description="Cap on the reconnect delay; lower reconnects faster but hammers a dead server.")
-    demo_seed: int = Field(0, description="Seed of the demo scene (only for source 'demo').")
+    width: int | None = Field(None, gt=0, le=8192, description="Requested capture width for USB cameras; None keeps the driver's.")
+    height: int | None = Field(None, gt=0, le=8192, description="Requested capture height for USB cameras; None keeps the driver's.")
+    open_timeout_s: float = Field(10.0, gt=0, le=300, description="Give up opening a source after this long; longer tolerates slow RTSP servers.")
+    read_timeout_s: float = Field(5.0, gt=0, le=300, description="Watchdog: no frame for this long marks the camera offline and reconnects.")
+    reconnect_min_s: float = Field(0.5, gt=0, le=3600, description="First reconnect delay; doubled after each failure.")
+    reconnect_max_s: float = Field(30.0, gt=0, le=3600, description="Cap on the reconnect delay; lower reconnects faster but hammers a dead server.")
+    demo_seed: int = Field(0, ge=0, description="Seed of the demo scene (only for source 'demo').")
     demo_duration_s: float | None = Field(
-        None, gt=0, description="Length of the demo scene; it ends the camera afterwards unless loop is true. None: endless."
+        None, gt=0, le=86400, description="Length of the demo scene; it ends the camera afterwards unless loop is true. None: endless."
     )
 
     @field_validator("source")
@@ -84,11 +90,12 @@ class DetectorConfig(_Section):
     full_frame_interval_s: float = Field(
         0.5,
         ge=0.0,
+        le=60.0,
         description="A full-frame search at most this often; between them only regions around live tracks are searched. "
         "0 searches every frame in full (most CPU, fastest discovery of new faces).",
     )
     input_max_px: int = Field(
-        640, ge=64, description="Frames are downscaled so their long side is at most this before detection."
+        640, ge=64, le=4096, description="Frames are downscaled so their long side is at most this before detection."
     )
 
 
@@ -98,9 +105,9 @@ class TrackerConfig(_Section):
     high_score: float = Field(0.8, ge=0, le=1, description="Detections at or above this score can start tracks.")
     low_score: float = Field(0.5, ge=0, le=1, description="Detections between low and high only extend existing tracks.")
     match_iou: float = Field(0.2, gt=0, le=1, description="Minimum IoU to match a detection to a track; lower follows fast motion, risks swaps.")
-    confirm_hits: int = Field(3, ge=1, description="Matched detections needed before a track is confirmed and announced.")
+    confirm_hits: int = Field(3, ge=1, le=100, description="Matched detections needed before a track is confirmed and announced.")
     lost_track_buffer_s: float = Field(
-        1.5, ge=0, description="Seconds a lost track is kept for re-identification; longer bridges occlusions, risks swaps."
+        1.5, ge=0, le=60, description="Seconds a lost track is kept for re-identification; longer bridges occlusions, risks swaps."
     )
 
 
@@ -115,32 +122,45 @@ class AgeConfig(_Section):
         "reference model's training chips: within ~1 year of its own pipeline; needs dlib, ~1-3 ms per face), or the "
         "detector's 5 points (no dlib; ~2.3 years from the reference pipeline on the sample faces).",
     )
-    first_sample_s: float = Field(0.0, ge=0, description="Delay after a track is confirmed before its first sample.")
-    unconverged_interval_s: float = Field(0.3, gt=0, description="Sample interval while the estimate is not yet stable.")
-    converged_interval_s: float = Field(3.0, gt=0, description="Sample interval once stable; higher saves CPU.")
-    stable_std_years: float = Field(4.0, gt=0, description="A track is stable once the std of its mean age is at or below this.")
-    stable_min_samples: int = Field(5, ge=1, description="...and it has at least this many samples.")
-    max_samples: int = Field(60, ge=1, description="Samples kept per track (oldest forgotten first).")
-    min_face_px: int = Field(32, ge=8, description="Faces smaller than this are not sampled.")
+    first_sample_s: float = Field(0.0, ge=0, le=60, description="Delay after a track is confirmed before its first sample.")
+    unconverged_interval_s: float = Field(0.3, gt=0, le=3600, description="Sample interval while the estimate is not yet stable.")
+    converged_interval_s: float = Field(3.0, gt=0, le=3600, description="Sample interval once stable; higher saves CPU.")
+    stable_std_years: float = Field(4.0, gt=0, le=100, description="A track is stable once the std of its mean age is at or below this.")
+    stable_min_samples: int = Field(5, ge=1, le=10000, description="...and it has at least this many samples.")
+    max_samples: int = Field(60, ge=1, le=10000, description="Samples kept per track (oldest forgotten first).")
+    min_face_px: int = Field(32, ge=8, le=1024, description="Faces smaller than this are not sampled.")
     min_quality: float = Field(0.15, ge=0, le=1, description="Crops whose quality (size, sharpness, pose) is below this are skipped.")
     max_batch: int = Field(16, ge=1, le=256, description="Largest age batch across cameras; bigger is faster per face but adds latency.")
 
+    @model_validator(mode="after")
+    def _check_samples(self) -> "AgeConfig":
+        if self.stable_min_samples > self.max_samples:
+            raise ValueError(f"stable_min_samples ({self.stable_min_samples}) must not exceed max_samples "
+                             f"({self.max_samples}): a track could never become stable")
+        return self
 
-class EventsConfig(_Section):
-    """ZeroMQ event publisher."""
 
-    bind: str = Field("tcp://127.0.0.1:5556", description="ZeroMQ PUB endpoint; loopback by default.")
-    hwm: int = Field(10000, ge=1, description="ZeroMQ send high-water mark; beyond it messages to slow subscribers are dropped.")
-    queue_size: int = Field(10000, ge=1, description="Internal publish queue; when full, events are dropped and counted.")
-    update_min_delta_years: float = Field(1.0, ge=0, description="A track.update is sent when the age moves by at least this much...")
-    update_max_interval_s: float = Field(5.0, gt=0, description="...or at least this often while the track lives.")
+MIN_TOKEN_CHARS = 16
 
-    @field_validator("bind")
-    @classmethod
-    def _check_bind(cls, v: str) -> str:
-        if not re.fullmatch(r"(tcp://[^\s:]+:\d{1,5}|ipc://\S+|inproc://\S+)", v):
-            raise ValueError("expected tcp://HOST:PORT, ipc://PATH or inproc://NAME, e.g. tcp://127.0.0.1:5556")
-        return v
+
+def _check_token(v: str | None) -> str | None:
+    if v is not None and len(v) < MIN_TOKEN_CHARS:
+        raise ValueError(f"must be at least {MIN_TOKEN_CHARS} characters (e.g. `openssl rand -hex 16`)")
+    return v
+
+
+def is_loopback_host(host: str) -> bool:
+    """True when every address `host` resolves to is a loopback address (decided on addresses, not on spelling)."""
+    host = host.strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return False  # unresolvable: not known to be loopback
+    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
 
 
 def _check_host_port(v: str | None) -> str | None:
@@ -148,16 +168,70 @@ def _check_host_port(v: str | None) -> str | None:
         return v
     m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):(\d{1,5})", v)
     if not m or not 0 <= int(m.group(2)) <= 65535:
-        raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:9108")
+        raise ValueError("expected HOST:PORT with a port from 0 to 65535, e.g. 127.0.0.1:9108")
     return v
+
+
+class CurveConfig(_Section):
+    """ZeroMQ CURVE: encrypted events, delivered only to subscribers whose public key is in the allow-list."""
+
+    server_secret_key: Path = Field(
+        description="The daemon's secret certificate (NAME.key_secret from `agecam keys generate`); keep it 0600.")
+    authorized_clients: Path = Field(
+        description="Folder of subscribers' public certificates (*.key); re-read on SIGHUP, so adding or revoking a "
+        "subscriber needs no restart.")
+
+
+class EventsConfig(_Section):
+    """ZeroMQ event publisher."""
+
+    bind: str = Field("tcp://127.0.0.1:5556", description="ZeroMQ PUB endpoint; loopback by default. Any other "
+                      "TCP address needs `curve` (anyone on the network could subscribe).")
+    curve: CurveConfig | None = Field(None, description="CURVE encryption and client allow-list; null: plain (loopback only).")
+    hwm: int = Field(10000, ge=1, le=1_000_000, description="ZeroMQ send high-water mark; beyond it messages to slow subscribers are dropped.")
+    queue_size: int = Field(10000, ge=1, le=1_000_000, description="Internal publish queue; when full, events are dropped and counted.")
+    update_min_delta_years: float = Field(1.0, ge=0, le=100, description="A track.update is sent when the age moves by at least this much...")
+    update_max_interval_s: float = Field(5.0, gt=0, le=3600, description="...or at least this often while the track lives.")
+
+    @field_validator("bind")
+    @classmethod
+    def _check_bind(cls, v: str) -> str:
+        m = re.fullmatch(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):(\d{1,5})|ipc://\S+|inproc://\S+", v)
+        if not m or (m.group(2) is not None and not 0 <= int(m.group(2)) <= 65535):
+            raise ValueError("expected tcp://HOST:PORT (port 0-65535), ipc://PATH or inproc://NAME, e.g. tcp://127.0.0.1:5556")
+        return v
+
+    @property
+    def tcp_host(self) -> str | None:
+        """The host of a tcp:// bind, else None (ipc and inproc stay on this machine)."""
+        m = re.fullmatch(r"tcp://(.+):\d+", self.bind)
+        return m.group(1) if m else None
+
+    @model_validator(mode="after")
+    def _curve_off_loopback(self) -> "EventsConfig":
+        host = self.tcp_host
+        if host is not None and self.curve is None and (host == "*" or not is_loopback_host(host)):
+            raise ValueError("bind: a non-loopback address needs events.curve (encryption and a client allow-list): "
+                             "events carry per-person ages, boxes and times")
+        return self
 
 
 class MetricsConfig(_Section):
     """Prometheus endpoint."""
 
     bind: str | None = Field("127.0.0.1:9108", description="HOST:PORT serving /metrics; null disables it.")
+    token: str | None = Field(
+        None, description="Bearer token Prometheus must send (scrape config `authorization: {credentials: ...}`); "
+        "mandatory when bind is not loopback. Use ${env:NAME} or ${cred:NAME} to keep it out of this file.")
 
     _v = field_validator("bind")(classmethod(lambda cls, v: _check_host_port(v)))
+    _t = field_validator("token")(classmethod(lambda cls, v: _check_token(v)))
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> "MetricsConfig":
+        if self.bind and not is_loopback_host(self.bind.rsplit(":", 1)[0]) and not self.token:
+            raise ValueError("token: required when bind is not a loopback address")
+        return self
 
 
 class PreviewConfig(_Section):
@@ -165,19 +239,27 @@ class PreviewConfig(_Section):
 
     bind: str | None = Field("127.0.0.1:8080", description="HOST:PORT serving the preview; null disables it.")
     token: str | None = Field(
-        None, description="Required as ?token= or Authorization: Bearer when set; mandatory when bind is not loopback."
-    )
-    max_fps: float = Field(10.0, gt=0, description="Cap on MJPEG frames per second per viewer; lower saves CPU.")
+        None, description="Required as ?token= or Authorization: Bearer when set; mandatory when bind is not loopback. "
+        "Use ${env:NAME} or ${cred:NAME} to keep it out of this file.")
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="Extra Host header names to serve (a reverse proxy's name). Loopback names, "
+        "IP addresses and the bind host are always allowed; any other name is refused (DNS rebinding).")
+    max_fps: float = Field(10.0, gt=0, le=60, description="Cap on MJPEG frames per second per viewer; lower saves CPU.")
     jpeg_quality: int = Field(80, ge=10, le=100, description="JPEG quality of preview frames.")
+    max_connections: int = Field(32, ge=1, le=1024, description="Open connections served at once; more get 503.")
+    max_viewers: int = Field(8, ge=1, le=256, description="MJPEG streams at once (each costs an encode per frame); more get 503.")
+    client_timeout_s: float = Field(10.0, gt=0, le=300, description="A client silent this long (idle keep-alive, slow "
+                                    "request) or not reading this long (a stalled viewer) is disconnected.")
     record_path: Path | None = Field(
         None, description="Also write each camera's annotated stream to this folder as <camera>.mp4; null disables."
     )
 
     _v = field_validator("bind")(classmethod(lambda cls, v: _check_host_port(v)))
+    _t = field_validator("token")(classmethod(lambda cls, v: _check_token(v)))
 
     @model_validator(mode="after")
     def _token_off_loopback(self) -> "PreviewConfig":
-        if self.bind and not _is_loopback(self.bind.rsplit(":", 1)[0]) and not self.token:
+        if self.bind and not is_loopback_host(self.bind.rsplit(":", 1)[0]) and not self.token:
             raise ValueError("token: required when bind is not a loopback address (anyone on the network could watch)")
         return self
 
@@ -190,20 +272,20 @@ class RuntimeConfig(_Section):
         default_factory=lambda: ["CPUExecutionProvider"],
         description="onnxruntime execution providers in order of preference.",
     )
-    intra_op_threads: int = Field(0, ge=0, description="Threads per inference call; 0 lets onnxruntime choose (all cores).")
+    intra_op_threads: int = Field(0, ge=0, le=64, description="Threads per inference call; 0 lets onnxruntime choose (all cores).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log verbosity.")
     log_format: Literal["text", "json"] = Field("text", description="text suits journald; json writes one object per line.")
     heartbeat_timeout_s: float = Field(
-        10.0, gt=0, description="A pipeline that has not completed a loop for this long stops the systemd watchdog pings."
+        10.0, gt=0, le=600, description="A pipeline that has not completed a loop for this long stops the systemd watchdog pings."
     )
 
 
 class Config(BaseModel):
     """The whole daemon configuration."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    cameras: list[CameraConfig] = Field(min_length=1, description="Frame sources; at least one.")
+    cameras: list[CameraConfig] = Field(min_length=1, max_length=256, description="Frame sources; at least one enabled.")
     detector: DetectorConfig = Field(default_factory=DetectorConfig)
     tracker: TrackerConfig = Field(default_factory=TrackerConfig)
     age: AgeConfig = Field(default_factory=AgeConfig)
@@ -223,7 +305,18 @@ class Config(BaseModel):
             raise ValueError("detector.model: required when detector.kind is 'scrfd' (bring an insightface SCRFD ONNX)")
         if self.tracker.low_score > self.tracker.high_score:
             raise ValueError("tracker.low_score: must not exceed tracker.high_score")
+        if not any(cam.enabled for cam in self.cameras):
+            raise ValueError("cameras: every camera is disabled; enable at least one (the daemon would idle and look healthy)")
         return self
+
+    _secrets: list[str] = PrivateAttr(default_factory=list)
+
+    def secrets(self) -> list[str]:
+        """Every secret this config holds (tokens, URL credentials, resolved ${env:}/${cred:} values): for scrubbing."""
+        found = [t for t in (self.preview.token, self.metrics.token) if t]
+        for cam in self.cameras:
+            found += url_secrets(cam.source)
+        return sorted(set(found + self._secrets), key=len, reverse=True)
 
 
 class ConfigError(Exception):
@@ -237,11 +330,6 @@ class ConfigError(Exception):
     def report(self) -> str:
         """Multi-line text for a terminal: the file, how many problems, one 'path: message' per line."""
         return "\n".join([f"{self.source}: {len(self.errors)} error(s)"] + [f"  {e}" for e in self.errors])
-
-
-def _is_loopback(host: str) -> bool:
-    host = host.strip("[]")
-    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def _loc_to_path(loc: tuple) -> str:
@@ -268,7 +356,10 @@ def _format_error(err: dict) -> str:
     if err["type"] in ("literal_error", "enum"):
         msg = msg.replace("Input should be", "must be one of")
     if "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], (dict, list)):
-        msg += f" (got {err['input']!r})"
+        if re.search(r"(token|password|secret)$", path):
+            msg += " (value not shown: it is a secret)"
+        else:
+            msg += f" (got {secret_free(repr(err['input']))})"
     return f"{path}: {msg}"
 
 
@@ -276,8 +367,13 @@ def parse(data: object, source: str = "<config>") -> Config:
     """Validate a parsed YAML document; raises ConfigError listing every problem."""
     if not isinstance(data, dict):
         raise ConfigError(source, [f"(top level): expected a mapping of sections, got {type(data).__name__}"])
+    data, ref_errors, resolved = resolve_refs(data)
+    if ref_errors:
+        raise ConfigError(source, ref_errors)
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
+        cfg._secrets = resolved
+        return cfg
     except ValidationError as exc:
         errors = []
         for err in exc.errors():
@@ -302,14 +398,6 @@ def load(path: str | Path) -> Config:
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(str(path), [f"YAML syntax error at {where}{problem}"]) from None
     return parse(data, str(path))
-
-
-def secret_free(url: str | int) -> str:
-    """A source as it may appear in logs, metrics and events: any password or token removed."""
-    s = str(url)
-    s = re.sub(r"(?<=://)([^/@\s]*)@", lambda m: ("***@" if m.group(1) else "@"), s)
-    s = re.sub(r"(?i)([?&](?:token|password|passwd|pwd|key|secret|auth)[^=]*=)[^&]*", r"\1***", s)
-    return s
 
 
 def load_or_report(path: str | Path, stream=None) -> Config | None:

@@ -9,13 +9,14 @@ import sys
 import threading
 from typing import IO
 
-from agecam.config import secret_free
+from agecam.secrets import secret_free
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 # syslog priorities journald reads from a "<N>" line prefix (SyslogLevelPrefix=yes, the default)
 _SYSLOG_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
 
-_secrets: set[str] = set()
+MAX_SECRETS = 256  # reloads with rotating secrets cannot grow the list without bound (the newest are kept)
+_secrets: dict[str, None] = {}  # insertion-ordered set
 _secrets_lock = threading.Lock()
 
 
@@ -23,7 +24,10 @@ def add_secret(value: str | None) -> None:
     """Register a literal (e.g. the preview token) that must never appear in a log line."""
     if value and len(value) >= 4:
         with _secrets_lock:
-            _secrets.add(value)
+            _secrets.pop(value, None)
+            _secrets[value] = None
+            while len(_secrets) > MAX_SECRETS:
+                del _secrets[next(iter(_secrets))]
 
 
 def scrub(text: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
+import urllib.error
 import urllib.request
 
 import pytest
@@ -77,7 +78,10 @@ def test_promtool_check_metrics_reports_nothing(served):
 
 def test_every_metric_follows_the_naming_conventions():
     # given the full set of metric families
-    fams = list(Metrics(["lobby"]).registry.collect())
+    every = list(Metrics(["lobby"]).registry.collect())
+    # (the standard process_* and python_info series keep their own well-known names)
+    assert {"process_cpu_seconds", "process_resident_memory_bytes", "process_open_fds"} <= {f.name for f in every}
+    fams = [f for f in every if not f.name.startswith(("process_", "python_"))]
     assert len(fams) >= 15, f"expected the full metric set, got {[f.name for f in fams]}"
     for fam in fams:
         # then each is prefixed, counters end _total (the family name drops it), durations are in seconds
@@ -194,3 +198,28 @@ def test_label_values_outside_the_vocabulary_are_refused(call):
     # value, then it fails at once instead of creating a new series
     with pytest.raises(KeyError):
         call(Metrics(["lobby"]))
+
+
+def test_off_loopback_metrics_need_the_token_and_bounded_connections(tmp_path):
+    # given /metrics with a token (as off loopback), served on loopback for the test
+    token = "metrics-token-0123456789"
+    server = Metrics(["lobby"]).serve("127.0.0.1:0", token=token, max_connections=2)
+    url = f"http://127.0.0.1:{server.port}/metrics"
+    try:
+        # then without the token it is refused, with it (as Prometheus sends it) served
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            urllib.request.urlopen(url, timeout=5)
+        assert exc.value.code == 401
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            assert resp.status == 200 and b"agecam_camera_up" in resp.read()
+        # and idle connections beyond the cap take no thread and do not block a scrape
+        idle = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(50)]
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                assert resp.status == 200
+        finally:
+            for s in idle:
+                s.close()
+    finally:
+        server.close()

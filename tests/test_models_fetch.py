@@ -310,3 +310,89 @@ def test_missing_sample_photos_say_how_to_get_them(tmp_path, monkeypatch):
     monkeypatch.setattr(samples, "_insightface_images", lambda: None)
     with pytest.raises(FileNotFoundError, match="agecam models fetch"):
         samples.sample_image("t1.jpg", models_dir=tmp_path)
+
+
+# ---- hostile .pt files: refused with the reader's own error, before numpy allocates or reads out of bounds ------
+
+def _zip_pt(entries: dict, storage_numel: int = 4) -> bytes:
+    """A zip-format .pt whose tensors are (offset, size, stride) views on one float storage of storage_numel,
+    pickled the way torch writes them (torch._utils._rebuild_tensor_v2 on a persistent FloatStorage), by hand."""
+    import collections
+    import struct as _struct
+    import sys
+    import types
+
+    torch_mod, utils_mod = types.ModuleType("torch"), types.ModuleType("torch._utils")
+
+    class FloatStorage:
+        pass
+
+    def _rebuild_tensor_v2(*args):
+        raise AssertionError("only pickled here, never called")
+
+    for obj, mod, name in ((FloatStorage, torch_mod, "FloatStorage"), (_rebuild_tensor_v2, utils_mod, "_rebuild_tensor_v2")):
+        obj.__module__, obj.__qualname__ = mod.__name__, name
+        setattr(mod, name, obj)
+
+    class _Store:
+        pass
+
+    class _View:
+        def __init__(self, offset, size, stride):
+            self.args = (_Store(), offset, size, stride, False, collections.OrderedDict())
+
+        def __reduce__(self):
+            return (_rebuild_tensor_v2, self.args)
+
+    class _Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", FloatStorage, "0", "cpu", storage_numel) if isinstance(obj, _Store) else None
+
+    saved = {k: sys.modules.get(k) for k in ("torch", "torch._utils")}
+    sys.modules["torch"], sys.modules["torch._utils"] = torch_mod, utils_mod
+    try:
+        buf = io.BytesIO()
+        _Pickler(buf, protocol=2).dump(collections.OrderedDict((k, _View(*v)) for k, v in entries.items()))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        z.writestr("archive/data.pkl", buf.getvalue())
+        z.writestr("archive/data/0", _struct.pack(f"<{storage_numel}f", *range(storage_numel)))
+    return out.getvalue()
+
+
+def test_a_valid_handmade_view_reads_back():
+    sd = load_state_dict(_zip_pt({"w": (1, (3,), (1,))}))
+    assert sd["w"].tolist() == [1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("view, expected", [
+    ((-2, (2,), (1,)), "negative offset, size or stride"),
+    ((3, (2,), (-1,)), "negative offset, size or stride"),
+    ((0, (5,), (1,)), "reads past the end of its storage"),
+    ((0, (2, 2), (1,)), "2 sizes and 1 strides"),
+    ((0, (1 << 20, 1 << 20), (0, 0)), "elements is more than"),
+])
+def test_hostile_tensor_views_are_refused(view, expected):
+    # given a .pt whose tensor view points outside its storage or asks for a huge allocation
+    # when read, then it is refused with the reader's own error (no heap read, no MemoryError)
+    with pytest.raises(StateDictError, match=expected):
+        load_state_dict(_zip_pt({"w": view}))
+
+
+def test_a_wheel_is_hashed_and_unpacked_from_the_same_bytes(tmp_path, monkeypatch):
+    # given a cached wheel with the right hash, and a spy on file reads
+    data = b"PK-not-really-a-wheel"
+    wheel = F.Wheel("x==1", "x-1-py3-none-any.whl", hashlib.sha256(data).hexdigest(), "MIT")
+    (tmp_path / wheel.filename).write_bytes(data)
+    reads = []
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self.name) or real(self))
+    # when obtained, then its bytes come back from a single read (what was hashed is what is parsed)
+    assert F._obtain_wheel(wheel, tmp_path, None, tmp_path) == data
+    assert reads == [wheel.filename], reads

@@ -10,9 +10,7 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -25,96 +23,12 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.helpers import agecam_cmd, free_port, need_tool, wait_for
+from tests.helpers import Daemon, NotifyListener, free_port, http_get, need_tool, wait_for
 
 pytestmark = pytest.mark.slow
 
-HERE = Path(__file__).resolve().parent
 TOKEN = "e2e-preview-token-4f1c"
 STABLE_BGR, UNSTABLE_BGR = (60, 220, 60), (0, 170, 255)
-
-
-def http_get(url: str, headers: dict | None = None, timeout_s: float = 5.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout_s) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-class NotifyListener:
-    """A real AF_UNIX datagram socket standing in for systemd's NOTIFY_SOCKET; keeps (monotonic_s, message)."""
-
-    def __init__(self, path: Path):
-        self.path = str(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.settimeout(0.2)
-        self.messages: list[tuple[float, str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="notify-listener", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.messages.append((time.monotonic(), self.sock.recv(4096).decode()))
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-
-    def with_field(self, field: str, since_s: float = 0.0) -> list[tuple[float, str]]:
-        return [(t, m) for t, m in list(self.messages) if t >= since_s and field in m.splitlines()]
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close()
-
-
-class Daemon:
-    """`agecam run` on a config, sandboxed, with NOTIFY_SOCKET and a systemd-style watchdog."""
-
-    def __init__(self, tmp: Path, cfg: dict, watchdog_s: float = 4.0, sandbox: bool = True):
-        self.tmp, self.cfg = tmp, cfg
-        self.config_path = tmp / "agecam.yaml"
-        self.config_path.write_text(yaml.safe_dump(cfg))
-        self.log_path = tmp / "daemon.log"
-        self.notify = NotifyListener(tmp / "notify.sock")
-        env = dict(os.environ, NOTIFY_SOCKET=self.notify.path, WATCHDOG_USEC=str(int(watchdog_s * 1e6)),
-                   PYTHONUNBUFFERED="1")
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
-        cmd = agecam_cmd() + ["run", "--config", str(self.config_path)]
-        if sandbox:
-            cmd = [sys.executable, str(HERE / "test_systemd.py"), "--", *cmd]
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=tmp)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout_s: float = 180.0) -> None:
-        def ready():
-            if self.proc.poll() is not None:
-                pytest.fail(f"daemon exited with {self.proc.returncode} before READY=1:\n{self.log()[-4000:]}")
-            return self.notify.with_field("READY=1")
-        wait_for(ready, timeout_s, "READY=1 from the daemon")
-
-    def write_config(self, cfg: dict | str) -> None:
-        self.config_path.write_text(cfg if isinstance(cfg, str) else yaml.safe_dump(cfg))
-
-    def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
-        self.notify.close()
-        return self.proc.returncode
 
 
 def demo_config(models_dir: Path, *, preview_bind: str, token: str | None, metrics_port: int) -> dict:

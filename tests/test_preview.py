@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import http.client
 import logging
+import socket
 import threading
 import time
 import urllib.error
@@ -20,7 +21,7 @@ from agecam.daemon.metrics import Metrics
 from agecam.daemon.preview import PreviewServer
 from agecam.daemon.record import Recorder
 from agecam.events import AgeEstimate
-from tests.helpers import read_video
+from tests.helpers import read_video, wait_for
 
 STABLE = AgeEstimate(34.2, 3.1, 29.0, 39.5, 12, True)
 UNSTABLE = AgeEstimate(27.6, 6.4, 20.0, 35.0, 3, False)
@@ -178,11 +179,11 @@ class _Health:
 def server_factory():
     made = []
 
-    def make(token: str | None = None, max_fps: float = 20.0, bind: str = "127.0.0.1:0"):
+    def make(token: str | None = None, max_fps: float = 20.0, bind: str = "127.0.0.1:0", **cfg):
         hub = PreviewHub(["lobby", "door"], jpeg_quality=70, max_fps=max_fps)
         hub.publish("lobby", annotate(_scene(), [TrackView(3, (200, 150, 320, 300), STABLE, 0.8)], "lobby"))
         health = _Health()
-        srv = PreviewServer(PreviewConfig(bind=bind, token=token, max_fps=max_fps), hub, health)
+        srv = PreviewServer(PreviewConfig(bind=bind, token=token, max_fps=max_fps, **cfg), hub, health)
         srv.start()
         made.append(srv)
         return srv, hub, health
@@ -268,13 +269,20 @@ def test_token_is_enforced_on_every_route(server_factory, path, how, expected, c
     assert all(TOKEN not in r.getMessage() for r in caplog.records), "the token appeared in a log line"
 
 
-def test_page_keeps_the_token_in_its_urls(server_factory):
-    # given a token server, when the page is fetched with the token
-    srv, _, _ = server_factory(token="a b&c")
-    code, _, body = _get(srv.url + "?token=a%20b%26c")
-    # then every img URL carries it, URL-encoded and HTML-escaped
-    assert code == 200
-    assert 'src="cameras/lobby/stream.mjpg?token=a%20b%26c"' in body.decode(), body.decode()[:2000]
+def test_page_holds_no_token_and_the_cookie_it_sets_authorises_the_streams(server_factory):
+    # given a token server, when the page is fetched with the token in the URL
+    token = "a b&c-0123456789ab"
+    srv, _, _ = server_factory(token=token)
+    code, headers, body = _get(srv.url + "?token=a%20b%26c-0123456789ab")
+    # then the page carries no token (its URLs are plain), and an HttpOnly, same-site cookie carries it instead
+    assert code == 200 and token not in body.decode() and "a%20b%26c" not in body.decode(), body.decode()[:2000]
+    assert 'src="cameras/lobby/stream.mjpg"' in body.decode()
+    cookie = headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie, cookie
+    # and that cookie alone is enough for the page's own requests
+    jar = cookie.split(";", 1)[0]
+    assert _get(srv.url + "cameras/lobby/snapshot.jpg", {"Cookie": jar})[0] == 200
+    assert _get(srv.url + "cameras/lobby/snapshot.jpg", {"Cookie": "agecam_token=wrong-token-0123456"})[0] == 401
 
 
 def _read_parts(resp, n: int, deadline_s: float) -> list[bytes]:
@@ -367,3 +375,118 @@ def test_recorder_writes_a_playable_mp4(tmp_path):
     errors = [float(np.abs(f.astype(np.int16) - w).mean()) for f, w in zip(frames, written)]
     assert max(errors) < 12, f"recorded frames differ from the written ones: mean abs error {np.round(errors, 1)}"
     assert errors[3] < float(np.abs(frames[3].astype(np.int16) - written[9]).mean()), "frames out of order"
+
+
+# ---------------------------------------------------------------- bounds (hostile or broken clients)
+
+def _raw(port: int, request: bytes, timeout_s: float = 5.0) -> bytes:
+    """Send raw bytes, read until the server closes; the response."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
+        s.sendall(request)
+        chunks = []
+        while True:
+            data = s.recv(65536)
+            if not data:
+                return b"".join(chunks)
+            chunks.append(data)
+
+
+def test_hundreds_of_idle_connections_take_no_threads_and_healthz_still_answers(server_factory):
+    # given a running preview
+    srv, _, _ = server_factory(client_timeout_s=1.0)
+
+    def handler_threads() -> int:
+        return sum(1 for t in threading.enumerate() if "process_request_thread" in t.name)
+
+    threads_before = handler_threads()
+    # when 300 clients connect and send nothing
+    idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(300)]
+    try:
+        wait_for(lambda: srv.open_connections >= 300, 10, "the 300 idle connections to be accepted")
+        # then they hold no handler thread, and /healthz answers within a second (best of three, so one
+        # scheduling hiccup on a busy machine does not count; a server blocked by the flood fails all three)
+        assert handler_threads() == threads_before, f"handler threads {threads_before} -> {handler_threads()}"
+        took = []
+        for _ in range(3):
+            t0 = time.monotonic()
+            code, _, _ = _get(srv.url + "healthz")
+            took.append(time.monotonic() - t0)
+            assert code == 200, f"/healthz answered {code} under the flood"
+        assert min(took) < 1.0, f"/healthz took {[round(t, 2) for t in took]} s under the flood"
+        # and after client_timeout_s the idle ones are closed by the server
+        wait_for(lambda: srv.open_connections == 0, 10, "idle connections to expire")
+        assert idle[0].recv(1) == b"", "the server did not close an idle connection"
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_every_response_closes_its_connection_and_carries_the_safety_headers(server_factory):
+    srv, _, _ = server_factory(token="t" * 16)
+    for path, code in (("/", 401), ("/nothing?token=" + "t" * 16, 404), ("/healthz?token=" + "t" * 16, 200)):
+        reply = _raw(srv.port, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        head = reply.split(b"\r\n\r\n", 1)[0].decode()
+        assert head.startswith(f"HTTP/1.1 {code}"), head
+        assert "Connection: close" in head and "Referrer-Policy: no-referrer" in head, head
+
+
+@pytest.mark.parametrize("host, allowed, expected", [
+    ("evil.example", (), 421),  # DNS rebinding: a page on evil.example resolved to 127.0.0.1
+    ("evil.example:8080", (), 421),
+    ("localhost:8080", (), 200),
+    ("127.0.0.1", (), 200),
+    ("[::1]:8080", (), 200),
+    ("192.0.2.7:8080", (), 200),  # an address cannot be re-bound
+    ("cams.example.org", ("cams.example.org",), 200),  # a reverse proxy's name, when configured
+    ("", (), 421),
+])
+def test_host_header_allow_list(server_factory, host, allowed, expected):
+    srv, _, _ = server_factory(allowed_hosts=list(allowed))
+    header = f"Host: {host}\r\n" if host else ""
+    reply = _raw(srv.port, f"GET /healthz HTTP/1.1\r\n{header}\r\n".encode())
+    assert reply.startswith(f"HTTP/1.1 {expected}".encode()), reply[:200]
+
+
+def test_viewers_beyond_the_limit_get_503(server_factory):
+    srv, _, _ = server_factory(max_viewers=2)
+    conns = []
+    try:
+        for _ in range(2):
+            c = http.client.HTTPConnection(srv.host, srv.port, timeout=5)
+            c.request("GET", "/cameras/lobby/stream.mjpg")
+            assert c.getresponse().status == 200
+            conns.append(c)
+        assert _get(srv.url + "cameras/lobby/stream.mjpg")[0] == 503
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_a_stalled_viewer_is_dropped_and_does_not_delay_close(server_factory):
+    # given a viewer that opens a stream with a tiny receive buffer and never reads
+    srv, hub, _ = server_factory(client_timeout_s=1.0, max_fps=30.0)
+    stop = threading.Event()
+
+    def produce():
+        i = 0
+        while not stop.is_set():
+            hub.publish("lobby", annotate(np.random.default_rng(i).integers(0, 255, (480, 640, 3), np.uint8), [], f"{i}"))
+            i += 1
+            stop.wait(1 / 30)
+
+    threading.Thread(target=produce, daemon=True).start()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", srv.port))
+    s.sendall(b"GET /cameras/lobby/stream.mjpg HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    try:
+        wait_for(lambda: srv.viewers == 1, 10, "the stalled viewer to be counted")
+        # when it stops reading, then the server drops it once a write has blocked for client_timeout_s
+        wait_for(lambda: srv.viewers == 0 and not hub.watching("lobby"), 30, "the stalled viewer to be dropped")
+        # and close() does not wait for it
+        t0 = time.monotonic()
+        srv.close()
+        assert time.monotonic() - t0 < 3.0, f"close took {time.monotonic() - t0:.1f} s"
+    finally:
+        stop.set()
+        s.close()

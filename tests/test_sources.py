@@ -84,6 +84,8 @@ def test_slot_get_wakes_when_another_thread_puts():
 @pytest.mark.parametrize("source, kind", [
     ("demo", "demo"), (0, "camera"), ("2", "camera"), ("/dev/video1", "camera"), ("rtsp://h/x", "rtsp"),
     ("RTSPS://u:p@h:1/x", "rtsp"), ("http://h/x.mjpg", "stream"), ("clip.mp4", "file"), ("/dev/videos/a.mp4", "file"),
+    ("/dev/v4l/by-id/usb-Logitech_C920_1234-video-index0", "camera"), ("/dev/v4l/by-path/pci-0000:00:14.0-usb-0:1:1.0-video-index0", "camera"),
+    ("/dev/null", "camera"),  # any character device is a capture device, not a file
 ])
 def test_source_kind(source, kind):
     assert source_kind(source) == kind

@@ -10,7 +10,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from agecam import exits
-from agecam.config import Config, ConfigError, load, load_or_report, secret_free
+from agecam.config import Config, ConfigError, load, load_or_report
+from agecam.secrets import secret_free
 from agecam.daemon.health import CameraHealth, CameraState, HealthReport
 from agecam.daemon.track import TrackIds
 
@@ -83,7 +84,7 @@ class App:
         self.load_models()
         self._set_info(m)
         if cfg.metrics.bind:
-            self._servers.append(m.serve(cfg.metrics.bind))
+            self._servers.append(m.serve(cfg.metrics.bind, token=cfg.metrics.token))
         self.age_service = AgeService(self._age_model, cfg.age.max_batch, self.stop_event, m)
         self.hub = None
         if cfg.preview.bind:
@@ -244,7 +245,11 @@ def run_command(args) -> int:
     if cfg is None:
         return exits.USAGE
     setup_logging(cfg.runtime.log_level, args.log_format or cfg.runtime.log_format)
-    add_secret(cfg.preview.token)
+    from agecam.daemon.sources import quiet_native_logs
+
+    quiet_native_logs()
+    for secret in cfg.secrets():
+        add_secret(secret)
     notifier = Notifier()
     terminate = threading.Event()
     reload_requested = threading.Event()
@@ -289,12 +294,14 @@ def run_command(args) -> int:
 
 
 def _is_refused_input(exc: Exception) -> bool:
-    """A model file that is missing or fails its contract: the operator must fix it, a restart will not help."""
+    """A model or key file that is missing or wrong: the operator must fix it, a restart will not help."""
     from agecam.daemon.detect import DetectorModelError
+    from agecam.keys import CertificateError
     from agecam.models.contract import ModelContractError
     from agecam.models.fetch import MissingModelsError
 
-    return isinstance(exc, (DetectorModelError, ModelContractError, MissingModelsError, FileNotFoundError))
+    return isinstance(exc, (DetectorModelError, ModelContractError, MissingModelsError, CertificateError,
+                            FileNotFoundError))
 
 
 def _reload(app: App, path: Path, notifier) -> App | None:
@@ -308,7 +315,8 @@ def _reload(app: App, path: Path, notifier) -> App | None:
         return app
     notifier.reloading()
     log.info("reloading config from %s", path)
-    add_secret(new_cfg.preview.token)
+    for secret in new_cfg.secrets():
+        add_secret(secret)
     try:
         candidate = App(new_cfg, notifier=notifier, events=app.events, track_ids=app.track_ids)
         candidate.load_models()  # refuse broken model paths before touching the running daemon

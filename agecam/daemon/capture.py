@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from agecam.config import CameraConfig, secret_free
+from agecam.config import CameraConfig
+from agecam.secrets import secret_free
 from agecam.daemon.backoff import Backoff
 from agecam.daemon.slot import LatestSlot
 from agecam.daemon.sources import SourceEnded, SourceError, open_source

@@ -4,15 +4,14 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import platform
-import socket
 import threading
 from collections.abc import Iterable, Sequence
-from socketserver import ThreadingMixIn
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info,
+                               PlatformCollector, ProcessCollector, generate_latest)
 
 import agecam
+from agecam.daemon.httpserve import BaseHandler, BoundedHTTPServer, split_host_port
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +126,8 @@ class Metrics(NullMetrics):
         self._stage = {s: self.stage_duration_seconds.labels(stage=s) for s in STAGES}
         self._published = {t: self.events_published_total.labels(type=t) for t in EVENT_TYPES}
         self._event_dropped = {r_: self.events_dropped_total.labels(reason=r_) for r_ in DROP_REASONS}
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, open fds, ...
+        PlatformCollector(registry=r)  # python_info
         self.add_cameras(cameras)
         self.set_build_info(providers=())
 
@@ -197,50 +198,57 @@ class Metrics(NullMetrics):
                          "onnxruntime": _dist_version("onnxruntime-gpu", "onnxruntime"),
                          "providers": ",".join(providers)})
 
-    def serve(self, bind: str) -> "MetricsServer":
-        """Serve /metrics on HOST:PORT (port 0 picks a free one) in a named daemon thread."""
+    def serve(self, bind: str, token: str | None = None, max_connections: int = 8,
+              client_timeout_s: float = 10.0) -> "MetricsServer":
+        """Serve /metrics on HOST:PORT (port 0 picks a free one) in a named daemon thread, bounded like the preview."""
         host, port = split_host_port(bind)
-        return MetricsServer(self.registry, host, port)
+        return MetricsServer(self.registry, host, port, token=token, max_connections=max_connections,
+                             client_timeout_s=client_timeout_s)
 
 
-def split_host_port(bind: str) -> tuple[str, int]:
-    """'127.0.0.1:9108' or '[::1]:9108' -> (host, port)."""
-    host, _, port = bind.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"expected HOST:PORT, got {bind!r}")
-    return host.strip("[]"), int(port)
+class _MetricsHandler(BaseHandler):
+    server: "_MetricsHTTPServer"
+
+    def do_GET(self) -> None:
+        path, query = self.parsed()
+        if not self.admitted(query):
+            return
+        if path != "/metrics":
+            self.send_body(404, b"not found: the metrics are at /metrics\n", "text/plain; charset=utf-8")
+            return
+        self.send_body(200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
 
 
-class _QuietHandler(WSGIRequestHandler):
-    """No access log on stderr: scrapes every few seconds would flood the journal."""
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
-        pass
-
-
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _ThreadingServer6(_ThreadingServer):
-    address_family = socket.AF_INET6
+class _MetricsHTTPServer(BoundedHTTPServer):
+    registry: CollectorRegistry
 
 
 class MetricsServer:
-    """A running /metrics endpoint; `close()` stops it and frees the port."""
+    """A running /metrics endpoint: bounded connections and timeouts, Host check, optional token; `close()` frees it.
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int):
-        server_class = _ThreadingServer6 if ":" in host else _ThreadingServer
-        self._httpd = make_server(host, port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler)
+    Not prometheus_client's start_http_server: its server starts a thread per connection with no cap and no socket
+    timeout (measured: bench/bench_http_flood.py), and has no token check.
+    """
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int, *, token: str | None = None,
+                 max_connections: int = 8, client_timeout_s: float = 10.0):
+        self._httpd = _MetricsHTTPServer(host, port, _MetricsHandler, max_connections=max_connections,
+                                         client_timeout_s=client_timeout_s, token=token, name="metrics")
+        self._httpd.registry = registry
         self.host = host
         self.port = int(self._httpd.server_address[1])
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="metrics-http", daemon=True)
         self._thread.start()
-        log.info("metrics on http://%s:%d/metrics", host if ":" not in host else f"[{host}]", self.port)
+        log.info("metrics on http://%s:%d/metrics%s", host if ":" not in host else f"[{host}]", self.port,
+                 " (token required)" if token else "")
 
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Stop serving, join the thread and close the socket."""
+    @property
+    def open_connections(self) -> int:
+        return self._httpd.open_connections
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Stop serving, close every client socket, join the thread and free the port."""
         self._httpd.shutdown()
         self._thread.join(timeout_s)
         self._httpd.server_close()

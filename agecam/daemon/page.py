@@ -1,8 +1,11 @@
-"""The preview page: every camera's live stream and its status, kept current from /healthz."""
+"""The preview page: every camera's live stream and its status, kept current from /healthz.
+
+The page holds no secret: with a token, the request that fetched it set an HttpOnly cookie, which the browser sends
+with the stream and /healthz requests the page makes (same origin).
+"""
 from __future__ import annotations
 
 import html
-import json
 from urllib.parse import quote
 
 _PAGE = """<!doctype html>
@@ -22,10 +25,9 @@ img{{display:block;max-width:100%;width:640px;background:#000}}
 {figures}
 </div>
 <script>
-const q = {query_json};
 async function poll() {{
   try {{
-    const r = await fetch('healthz' + q, {{cache: 'no-store'}});
+    const r = await fetch('healthz', {{cache: 'no-store', credentials: 'same-origin'}});
     const j = await r.json();
     for (const [name, c] of Object.entries(j.cameras || {{}})) {{
       const el = document.getElementById('state-' + name);
@@ -40,14 +42,12 @@ setInterval(poll, 2000);
 """
 
 _FIGURE = """<figure id="cam-{name}"><figcaption>{name} &mdash; <span id="state-{name}" class="state {state}">{state}</span></figcaption>
-<img id="stream-{name}" alt="live preview of {name}" src="cameras/{qname}/stream.mjpg{query}"></figure>"""
+<img id="stream-{name}" alt="live preview of {name}" src="cameras/{qname}/stream.mjpg"></figure>"""
 
 
-def render_page(camera_status: dict[str, str], token_query: str) -> str:
-    """The HTML page for these cameras (name -> status, in display order); token_query ('' or '?token=...') is
-    appended to every URL the page uses."""
+def render_page(camera_status: dict[str, str]) -> str:
+    """The HTML page for these cameras (name -> status, in display order)."""
     figures = "\n".join(
-        _FIGURE.format(name=html.escape(name), qname=quote(name, safe=""), query=html.escape(token_query),
-                       state=html.escape(status))
+        _FIGURE.format(name=html.escape(name), qname=quote(name, safe=""), state=html.escape(status))
         for name, status in camera_status.items())
-    return _PAGE.format(figures=figures, query_json=json.dumps(token_query).replace("<", "\\u003c"))
+    return _PAGE.format(figures=figures)

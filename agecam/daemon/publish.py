@@ -5,6 +5,7 @@ import logging
 import queue
 import threading
 import time
+from pathlib import Path
 import zmq
 
 from agecam.config import EventsConfig
@@ -13,6 +14,7 @@ from agecam.daemon.worker import Worker
 from agecam.events import CAMERA_STATUS, encode
 
 log = logging.getLogger(__name__)
+MAX_INBOUND_BYTES = 4096  # MAXMSGSIZE: a peer sending more is disconnected (PUB receives only subscriptions)
 
 
 class Publisher(Worker):
@@ -25,9 +27,13 @@ class Publisher(Worker):
         self._queue: queue.Queue[dict] = queue.Queue(maxsize=cfg.queue_size)
         self._metrics = metrics
         self._ctx = zmq.Context.instance()
+        self._auth = None
         self._sock = self._ctx.socket(zmq.PUB)
         self._sock.setsockopt(zmq.SNDHWM, cfg.hwm)
         self._sock.setsockopt(zmq.LINGER, 2000)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_INBOUND_BYTES)  # subscribers send only short subscriptions
+        if cfg.curve is not None:
+            self._enable_curve(cfg.curve)
         deadline_s = time.monotonic() + 3.0  # a reload may rebind the address a previous socket is releasing
         while True:
             try:
@@ -41,6 +47,30 @@ class Publisher(Worker):
                 raise RuntimeError(f"events.bind {cfg.bind}: cannot bind ({exc})") from None
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.dropped = 0
+
+    def _enable_curve(self, curve) -> None:
+        """Encrypt, and deliver only to clients whose public key is in authorized_clients (checked by ZAP)."""
+        from zmq.auth.thread import ThreadAuthenticator
+
+        from agecam.keys import load_secret
+
+        try:
+            public, secret = load_secret(curve.server_secret_key, "events.curve.server_secret_key")
+            clients = Path(curve.authorized_clients)
+            if not clients.is_dir():
+                raise FileNotFoundError(f"events.curve.authorized_clients: expected a folder of subscribers' public "
+                                        f"certificates (*.key), found nothing at {clients}")
+        except Exception:
+            self._sock.close(0)
+            raise
+        self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger("agecam.daemon.zap"))
+        self._auth.start()
+        self._auth.configure_curve(domain="*", location=str(clients))
+        n = len(list(clients.glob("*.key")))
+        log.info("events: CURVE on, %d authorised subscriber key(s) in %s", n, clients)
+        self._sock.curve_secretkey = secret
+        self._sock.curve_publickey = public
+        self._sock.curve_server = True
 
     def submit(self, event: dict) -> bool:
         """Queue an event without blocking; a full queue drops it and counts the drop."""
@@ -86,4 +116,6 @@ class Publisher(Worker):
             self._send(event)
             sent += 1
         self._sock.close(linger=2000)
+        if self._auth is not None:
+            self._auth.stop()
         return sent

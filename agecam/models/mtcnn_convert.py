@@ -26,6 +26,8 @@ _STORAGE_DTYPES = {
     "BoolStorage": np.bool_,
 }
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+MAX_TENSOR_ELEMENTS = 1 << 26  # 64 Mi elements: far above any MTCNN weight, far below exhausting memory
+MAX_TENSOR_DIMS = 8
 
 
 class StateDictError(ValueError):
@@ -94,15 +96,32 @@ def _materialise(obj, storages: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         buf = storages.get(ref.storage.key)
         if buf is None:
             raise StateDictError(f"entry {name!r} refers to missing storage {ref.storage.key}")
+        _check_view(str(name), ref, buf.size)
         item = buf.itemsize
-        need = ref.offset + sum((s - 1) * st for s, st in zip(ref.size, ref.stride)) + 1 if ref.size else ref.offset + 1
-        if min(ref.size, default=1) > 0 and need > buf.size:
-            raise StateDictError(f"entry {name!r} reads past the end of its storage")
         arr = np.lib.stride_tricks.as_strided(
             buf[ref.offset:], shape=ref.size, strides=tuple(s * item for s in ref.stride)
         )
         out[str(name)] = np.array(arr, copy=True)
     return out
+
+
+def _check_view(name: str, ref: _TensorRef, storage_numel: int) -> None:
+    """Refuse a tensor view that would read outside its storage or allocate without bound (before numpy sees it)."""
+    size, stride, offset = ref.size, ref.stride, ref.offset
+    if not all(isinstance(v, int) for v in (*size, *stride, offset)):
+        raise StateDictError(f"entry {name!r}: size, stride and offset must be integers")
+    if len(size) != len(stride) or len(size) > MAX_TENSOR_DIMS:
+        raise StateDictError(f"entry {name!r}: {len(size)} sizes and {len(stride)} strides (at most {MAX_TENSOR_DIMS})")
+    if offset < 0 or any(s < 0 for s in size) or any(st < 0 for st in stride):
+        raise StateDictError(f"entry {name!r}: negative offset, size or stride (offset {offset}, size {size}, "
+                             f"stride {stride})")
+    numel = 1
+    for s in size:
+        numel *= s
+    if numel > MAX_TENSOR_ELEMENTS:
+        raise StateDictError(f"entry {name!r}: {numel} elements is more than the {MAX_TENSOR_ELEMENTS} allowed")
+    if numel and offset + sum((s - 1) * st for s, st in zip(size, stride)) >= storage_numel:
+        raise StateDictError(f"entry {name!r} reads past the end of its storage ({storage_numel} elements)")
 
 
 def _load_legacy(data: bytes) -> dict[str, np.ndarray]:
@@ -127,6 +146,8 @@ def _load_legacy(data: bytes) -> dict[str, np.ndarray]:
     storages = {}
     for key in keys:
         (numel,) = struct.unpack("<q", f.read(8))
+        if not 0 <= numel <= MAX_TENSOR_ELEMENTS:
+            raise StateDictError(f"storage {key}: {numel} elements is outside 0..{MAX_TENSOR_ELEMENTS}")
         dtype = np.dtype(dtypes.get(key, np.float32))
         raw = f.read(numel * dtype.itemsize)
         if len(raw) != numel * dtype.itemsize:
