@@ -70,7 +70,7 @@ def test_only_the_listed_key_receives_events(keys):
     cfg = EventsConfig(bind=endpoint, curve=CurveConfig(server_secret_key=keys / "server" / "server.key_secret",
                                                         authorized_clients=keys / "authorized"))
     stop = threading.Event()
-    pub = Publisher(cfg, stop)
+    pub = Publisher(cfg)
     pub.start()
     server_pub = load_public(keys / "server" / "server.key", "test")
     alice = _subscriber(endpoint, server_pub, keys / "clients" / "alice.key_secret")
@@ -91,8 +91,7 @@ def test_only_the_listed_key_receives_events(keys):
         assert got["mallory"] == [] and got["plain"] == [], {k: len(v) for k, v in got.items()}
     finally:
         stop.set()
-        pub.join(2.0)
-        pub.drain_and_close()
+        pub.close(2.0)
         for s in (alice, mallory, plain):
             s.close(0)
 
@@ -106,7 +105,7 @@ def test_missing_key_files_are_refused_at_start(keys, which, expected):
     paths[which] = keys / "nothing-here"
     cfg = EventsConfig(bind=f"tcp://127.0.0.1:{free_port()}", curve=CurveConfig(**paths))
     with pytest.raises(FileNotFoundError, match=expected):
-        Publisher(cfg, threading.Event())
+        Publisher(cfg)
 
 
 def test_off_loopback_bind_is_accepted_with_curve(keys):

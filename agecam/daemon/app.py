@@ -24,9 +24,11 @@ class App:
     """The running daemon: one instance per loaded config. Boundaries can be injected for tests."""
 
     def __init__(self, cfg: Config, *, detector=None, age_model=None, open_fn=None, notifier=None,
-                 frame_tap=None, events=None, metrics=None, track_ids: dict[str, TrackIds] | None = None):
+                 frame_tap=None, events=None, metrics=None, track_ids: dict[str, TrackIds] | None = None,
+                 publisher=None):
         """events (the run's EventFactory: run_id and seq) and track_ids (per camera) outlive a reload: pass the
-        previous App's to the next one, so seq keeps rising and no track ID is issued twice in a run."""
+        previous App's to the next one, so seq keeps rising and no track ID is issued twice in a run. A publisher
+        passed in (an unchanged events section, handed over by the previous App) keeps its subscribers connected."""
         from agecam.events import EventFactory
 
         self.cfg = cfg
@@ -39,6 +41,8 @@ class App:
         self._frame_tap = frame_tap
         self.notifier = notifier
         self.metrics = metrics
+        self.publisher = publisher
+        self._owns_publisher = True  # the App closes its publisher on stop, unless it handed it over
         self.cameras: dict[str, CameraState] = {c.name: CameraState() for c in cfg.cameras if c.enabled}
         self.pipelines = {}
         self.captures = {}
@@ -78,9 +82,12 @@ class App:
             self.metrics = Metrics(cameras=list(self.cameras))
         m = self.metrics
 
-        self.publisher = Publisher(cfg.events, self.stop_event, m)
-        # bound before the models load, so subscribers are connected by the time the first events flow
-        self.publisher.start()
+        if self.publisher is None:
+            self.publisher = Publisher(cfg.events, m)
+            # bound before the models load, so subscribers are connected by the time the first events flow
+            self.publisher.start()
+        else:
+            self.publisher.metrics = m
         self.load_models()
         self._set_info(m)
         if cfg.metrics.bind:
@@ -185,6 +192,11 @@ class App:
     def status_line(self) -> str:
         return self.health().status_line(self.age_service.faces)
 
+    def hand_over_publisher(self):
+        """For a reload: the publisher now belongs to the next App; stop() will not close it."""
+        self._owns_publisher = False
+        return self.publisher
+
     # -- stop ------------------------------------------------------------------------------------------------------
     def stop(self) -> list[str]:
         """Stop everything, joining threads in reverse start order; returns names of threads that did not stop."""
@@ -201,11 +213,9 @@ class App:
         age_service = getattr(self, "age_service", None)
         if age_service is not None and not age_service.join(JOIN_TIMEOUT_S):
             stuck.append("age")
-        publisher = getattr(self, "publisher", None)
-        if publisher is not None:
-            if not publisher.join(JOIN_TIMEOUT_S):
+        if self.publisher is not None and self._owns_publisher:
+            if not self.publisher.close(JOIN_TIMEOUT_S):  # sends the track.end events of the stopping pipelines
                 stuck.append("publish")
-            publisher.drain_and_close()  # the track.end events the pipelines sent while stopping
         for s in reversed(self._servers):
             try:
                 s.close()
@@ -245,9 +255,11 @@ def run_command(args) -> int:
     if cfg is None:
         return exits.USAGE
     setup_logging(cfg.runtime.log_level, args.log_format or cfg.runtime.log_format)
+    from agecam.daemon import memory
     from agecam.daemon.sources import quiet_native_logs
 
     quiet_native_logs()
+    memory.limit_arenas()  # before any thread starts: reloads replace threads, and their arenas must not pile up
     for secret in cfg.secrets():
         add_secret(secret)
     notifier = Notifier()
@@ -278,6 +290,7 @@ def run_command(args) -> int:
         if reload_requested.is_set():
             reload_requested.clear()
             app = _reload(app, args.config, notifier)
+            memory.trim()  # what the old App's threads freed goes back to the system
             if app is None:
                 log.error("no config could be restarted after a failed reload; exiting so the service manager restarts us")
                 notifier.stopping()
@@ -304,6 +317,30 @@ def _is_refused_input(exc: Exception) -> bool:
                             FileNotFoundError))
 
 
+def _file_key(path) -> tuple | None:
+    """A model file's identity for reuse: path, size and mtime (a file replaced in place is loaded again)."""
+    if path is None:
+        return None
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return (str(path), None)
+    return (str(path), st.st_size, st.st_mtime_ns)
+
+
+def _detector_key(cfg: Config) -> tuple:
+    """What the detector object is built from; equal keys let a reload keep the loaded detector."""
+    r = cfg.runtime
+    return (cfg.detector.model_dump_json(), _file_key(cfg.detector.model), str(r.models_dir), tuple(r.providers),
+            r.intra_op_threads)
+
+
+def _age_key(cfg: Config) -> tuple:
+    """What the age model object is built from (the model, its landmarks mode, the runtime)."""
+    r = cfg.runtime
+    return (_file_key(cfg.age.model), cfg.age.landmarks, str(r.models_dir), tuple(r.providers), r.intra_op_threads)
+
+
 def _reload(app: App, path: Path, notifier) -> App | None:
     """SIGHUP: apply a new valid config by restarting the components; keep the old one on any error."""
     from agecam.logs import add_secret
@@ -317,21 +354,32 @@ def _reload(app: App, path: Path, notifier) -> App | None:
     log.info("reloading config from %s", path)
     for secret in new_cfg.secrets():
         add_secret(secret)
+    reuse = {}  # unchanged models keep their sessions: no reload latency, and no native memory left behind per reload
+    keep_publisher = new_cfg.events == app.cfg.events and app.publisher is not None and app.publisher.keeps_clients()
+    if keep_publisher:
+        reuse["publisher"] = app.publisher  # subscribers stay connected: nothing is lost across the reload
+    if _detector_key(new_cfg) == _detector_key(app.cfg):
+        reuse["detector"] = app._detector
+    if _age_key(new_cfg) == _age_key(app.cfg):
+        reuse["age_model"] = app._age_model
     try:
-        candidate = App(new_cfg, notifier=notifier, events=app.events, track_ids=app.track_ids)
+        candidate = App(new_cfg, notifier=notifier, events=app.events, track_ids=app.track_ids, **reuse)
         candidate.load_models()  # refuse broken model paths before touching the running daemon
     except Exception as exc:
         log.error("reload refused, keeping the running config: %s", exc)
         notifier.ready()
         return app
+    if keep_publisher:
+        app.hand_over_publisher()
     app.stop()
     try:
         candidate.start()
     except Exception as exc:
         log.error("reload failed to start (%s); restarting the previous config", exc)
+        kept = candidate.hand_over_publisher() if keep_publisher else None
         candidate.stop()
         candidate = App(app.cfg, notifier=notifier, events=app.events, track_ids=app.track_ids,
-                        detector=app._detector, age_model=app._age_model)
+                        detector=app._detector, age_model=app._age_model, publisher=kept)
         try:
             candidate.start()
         except Exception as exc2:

@@ -14,18 +14,30 @@ from agecam.daemon.worker import Worker
 from agecam.events import CAMERA_STATUS, encode
 
 log = logging.getLogger(__name__)
+
+
+def _client_keys(folder: Path) -> frozenset[tuple[str, bytes]]:
+    """The allow-list as (file name, contents) pairs: a removed or changed key file is a revocation."""
+    return frozenset((p.name, p.read_bytes()) for p in folder.glob("*.key") if p.is_file())
+
+
 MAX_INBOUND_BYTES = 4096  # MAXMSGSIZE: a peer sending more is disconnected (PUB receives only subscriptions)
 
 
 class Publisher(Worker):
-    """Owns the PUB socket; pipelines call submit() (non-blocking), the `publish` thread sends."""
+    """Owns the PUB socket; pipelines call submit() (non-blocking), the `publish` thread sends.
 
-    def __init__(self, cfg: EventsConfig, stop: threading.Event, metrics: NullMetrics = NullMetrics()):
+    It belongs to the run, not to one config: a reload that leaves `events` unchanged keeps it (and its socket),
+    so subscribers stay connected and miss nothing; close() ends it.
+    """
+
+    def __init__(self, cfg: EventsConfig, metrics: NullMetrics = NullMetrics()):
         super().__init__("publish")
         self.cfg = cfg
-        self._stop = stop
+        self._stop = threading.Event()
         self._queue: queue.Queue[dict] = queue.Queue(maxsize=cfg.queue_size)
-        self._metrics = metrics
+        self.metrics = metrics
+        self._clients_seen: frozenset = frozenset()
         self._ctx = zmq.Context.instance()
         self._auth = None
         self._sock = self._ctx.socket(zmq.PUB)
@@ -41,7 +53,7 @@ class Publisher(Worker):
                 break
             except zmq.ZMQError as exc:
                 if time.monotonic() < deadline_s and exc.errno == zmq.EADDRINUSE:
-                    stop.wait(0.1)
+                    time.sleep(0.1)
                     continue
                 self._sock.close(0)
                 raise RuntimeError(f"events.bind {cfg.bind}: cannot bind ({exc})") from None
@@ -66,8 +78,8 @@ class Publisher(Worker):
         self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger("agecam.daemon.zap"))
         self._auth.start()
         self._auth.configure_curve(domain="*", location=str(clients))
-        n = len(list(clients.glob("*.key")))
-        log.info("events: CURVE on, %d authorised subscriber key(s) in %s", n, clients)
+        self._clients_seen = _client_keys(clients)
+        log.info("events: CURVE on, %d authorised subscriber key(s) in %s", len(self._clients_seen), clients)
         self._sock.curve_secretkey = secret
         self._sock.curve_publickey = public
         self._sock.curve_server = True
@@ -79,7 +91,7 @@ class Publisher(Worker):
             return True
         except queue.Full:
             self.dropped += 1
-            self._metrics.event_dropped("queue_full")
+            self.metrics.event_dropped("queue_full")
             return False
 
     def _send(self, event: dict) -> None:
@@ -87,13 +99,13 @@ class Publisher(Worker):
             t0 = time.perf_counter()
             self._sock.send_multipart(encode(event), flags=zmq.NOBLOCK)
             latency_s = None if event["type"] == CAMERA_STATUS else time.time() - event["ts"]
-            self._metrics.event_published(event["type"], time.perf_counter() - t0, latency_s)
+            self.metrics.event_published(event["type"], time.perf_counter() - t0, latency_s)
         except zmq.Again:  # high-water mark reached for every peer
             self.dropped += 1
-            self._metrics.event_dropped("hwm")
+            self.metrics.event_dropped("hwm")
         except zmq.ZMQError as exc:  # never let one bad send kill the thread
             self.dropped += 1
-            self._metrics.event_dropped("send_error")
+            self.metrics.event_dropped("send_error")
             log.warning("event not sent (%s): %s", event.get("type"), exc)
 
     def _run(self) -> None:
@@ -104,6 +116,26 @@ class Publisher(Worker):
             except queue.Empty:
                 continue
             self._send(event)
+
+    def keeps_clients(self) -> bool:
+        """For a reload with unchanged `events`: re-read the CURVE allow-list (new keys apply at once) and say
+        whether the socket may be kept; False when a key was removed (a new socket then cuts the revoked off)."""
+        if self._auth is None:
+            return True
+        clients = Path(self.cfg.curve.authorized_clients)
+        now = _client_keys(clients) if clients.is_dir() else frozenset()
+        if not now >= self._clients_seen:
+            return False
+        self._auth.configure_curve(domain="*", location=str(clients))
+        self._clients_seen = now
+        return True
+
+    def close(self, timeout_s: float) -> bool:
+        """Stop the thread, send what is still queued, close the socket; True when the thread stopped in time."""
+        self._stop.set()
+        stopped = self.join(timeout_s)
+        self.drain_and_close()
+        return stopped
 
     def drain_and_close(self) -> int:
         """After every producer has stopped: send what is still queued, then close. Returns how many were sent."""
