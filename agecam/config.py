@@ -188,7 +188,7 @@ class EventsConfig(_Section):
     bind: str = Field("tcp://127.0.0.1:5556", description="ZeroMQ PUB endpoint; loopback by default. Any other "
                       "TCP address needs `curve` (anyone on the network could subscribe).")
     curve: CurveConfig | None = Field(None, description="CURVE encryption and client allow-list; null: plain (loopback only).")
-    hwm: int = Field(10000, ge=1, le=1_000_000, description="ZeroMQ send high-water mark; beyond it messages to slow subscribers are dropped.")
+    hwm: int = Field(10000, ge=1, le=1_000_000, description="Messages queued per subscriber; beyond it a slow subscriber's copies are dropped (it sees gaps in seq). Higher costs memory per slow subscriber.")
     queue_size: int = Field(10000, ge=1, le=1_000_000, description="Internal publish queue; when full, events are dropped and counted.")
     update_min_delta_years: float = Field(1.0, ge=0, le=100, description="A track.update is sent when the age moves by at least this much...")
     update_max_interval_s: float = Field(5.0, gt=0, le=3600, description="...or at least this often while the track lives.")
@@ -251,8 +251,16 @@ class PreviewConfig(_Section):
     client_timeout_s: float = Field(10.0, gt=0, le=300, description="A client silent this long (idle keep-alive, slow "
                                     "request) or not reading this long (a stalled viewer) is disconnected.")
     record_path: Path | None = Field(
-        None, description="Also write each camera's annotated stream to this folder as <camera>.mp4; null disables."
-    )
+        None, description="Also record each camera's annotated stream under this folder, as <camera>/<UTC start>.mkv "
+        "segments (Matroska: playable after a crash); null disables.")
+    record_segment_s: float = Field(300.0, ge=1, le=86400, description="Length of one recording segment; shorter "
+                                    "loses less to a crash and deletes in finer steps, longer makes fewer files.")
+    record_keep_hours: float = Field(168.0, gt=0, le=24 * 3650, description="Segments older than this are deleted.")
+    record_max_gb: float = Field(10.0, gt=0, le=100_000, description="Per camera: the oldest segments are deleted "
+                                 "while its folder holds more than this.")
+    record_codec: Literal["auto", "mp4v", "vp8", "h264", "mjpg"] = Field(
+        "auto", description="auto: H.264 where OpenCV's FFmpeg has an encoder, else mp4v (~1 ms a frame; plays in "
+        "VLC, mpv, ffplay). vp8 also plays in browsers but costs ~20 ms of CPU a frame.")
 
     _v = field_validator("bind")(classmethod(lambda cls, v: _check_host_port(v)))
     _t = field_validator("token")(classmethod(lambda cls, v: _check_token(v)))

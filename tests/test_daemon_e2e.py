@@ -245,8 +245,10 @@ def test_annotated_stream_is_recorded_to_a_video_file(tmp_path, models_dir):
            "preview": {"bind": None, "record_path": str(tmp_path / "rec")}}
     with running_app(doc, models_dir) as run:
         assert run.wait_ended(60), "the 5 s demo camera did not end within 60 s"
-    # then <record_path>/<camera>.mp4 holds the annotated frames: the status line is drawn on every one
-    frames = read_video(tmp_path / "rec" / "demo.mp4")
+    # then <record_path>/<camera>/<UTC start>.mkv holds the annotated frames: the status line is drawn on every one
+    segments = sorted((tmp_path / "rec" / "demo").glob("*.mkv"))
+    assert len(segments) == 1, f"a 5 s run in 300 s segments: {segments}"
+    frames = read_video(segments[0])
     assert len(frames) >= 10, f"only {len(frames)} frames recorded from a 5 s scene"
     assert frames[0].shape == (480, 640, 3), frames[0].shape
     # the annotation darkens a status band at the top to 2/7: far darker than the scene just below it

@@ -19,7 +19,6 @@ from agecam.daemon.health import CameraHealth, HealthReport
 from agecam.daemon.hub import PreviewHub
 from agecam.daemon.metrics import Metrics
 from agecam.daemon.preview import PreviewServer
-from agecam.daemon.record import Recorder
 from agecam.events import AgeEstimate
 from tests.helpers import read_video, wait_for
 
@@ -353,28 +352,6 @@ def test_non_loopback_bind_needs_a_token_and_refuses_without(server_factory):
     # then a request without it is refused and one with it served
     assert _get(f"http://127.0.0.1:{srv.port}/")[0] == 401
     assert _get(f"http://127.0.0.1:{srv.port}/?token={TOKEN}")[0] == 200
-
-
-# ---------------------------------------------------------------- recorder
-
-def test_recorder_writes_a_playable_mp4(tmp_path):
-    # given 12 annotated frames, one of another size
-    rec = Recorder(tmp_path / "rec", "lobby", fps=10)
-    written = []
-    for i in range(12):
-        img = annotate(_scene(), [TrackView(1, (100 + 5 * i, 100, 200 + 5 * i, 220), STABLE, 0.9)], f"frame {i}")
-        if i == 5:
-            img = cv2.resize(img, (320, 240))
-        assert rec.write(img), f"frame {i} was not written"
-        written.append(cv2.resize(img, (640, 480)))
-    rec.close()
-    # when read back, then it has every frame at the first size
-    frames = read_video(tmp_path / "rec" / "lobby.mp4")
-    assert len(frames) == 12 and frames[0].shape == (480, 640, 3), f"read {len(frames)} frames of {frames[0].shape}"
-    # and each is the frame written there (lossy coding aside), in order
-    errors = [float(np.abs(f.astype(np.int16) - w).mean()) for f, w in zip(frames, written)]
-    assert max(errors) < 12, f"recorded frames differ from the written ones: mean abs error {np.round(errors, 1)}"
-    assert errors[3] < float(np.abs(frames[3].astype(np.int16) - written[9]).mean()), "frames out of order"
 
 
 # ---------------------------------------------------------------- bounds (hostile or broken clients)

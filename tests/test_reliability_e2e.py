@@ -77,3 +77,123 @@ def test_thirty_reloads_leave_threads_fds_and_memory_flat(models_dir, tmp_path):
     assert after[0] <= before[0] * 1.10, f"RSS {before[0]:.0f} -> {after[0]:.0f} MB after 30 reloads"
     # and the run's seq kept rising through every reload, with no event lost for this fast subscriber
     assert seqs and seqs == list(range(seqs[0], seqs[0] + len(seqs))), "seq gaps or restarts across reloads"
+
+
+class _SilentServer:
+    """A TCP server that accepts connections and never answers: an RTSP camera hung mid-handshake."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self._t = threading.Thread(target=self._accept, daemon=True)
+        self._t.start()
+
+    def _accept(self):
+        while True:
+            try:
+                self.conns.append(self.sock.accept()[0])
+            except OSError:
+                return
+
+    def close(self):
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+@pytest.mark.parametrize("state", ["hung camera open", "dead rtsp server", "stalled subscriber", "stalled viewer",
+                                   "mid-reload"])
+def test_sigterm_stops_within_five_seconds_in_every_state(models_dir, tmp_path, state):
+    # given a daemon in one troubled state (with a live demo camera beside it, so there is work to stop)
+    silent = _SilentServer()
+    events, preview = f"tcp://127.0.0.1:{free_port()}", free_port()
+    cameras = [{"name": "lobby", "source": "demo", "loop": True}]
+    if state == "hung camera open":
+        cameras.append({"name": "hung", "source": f"rtsp://127.0.0.1:{silent.port}/x", "open_timeout_s": 60,
+                        "read_timeout_s": 60})
+    if state == "dead rtsp server":
+        cameras.append({"name": "dead", "source": f"rtsp://127.0.0.1:{free_port()}/x"})
+    d = Daemon(tmp_path, {"cameras": cameras, "events": {"bind": events, "hwm": 100, "update_max_interval_s": 0.2},
+                          "metrics": {"bind": None},
+                          "preview": {"bind": f"127.0.0.1:{preview}", "max_fps": 30, "client_timeout_s": 60},
+                          "runtime": {"models_dir": str(models_dir)}}, watchdog_s=2.0)
+    held = []
+    try:
+        d.wait_ready()
+        if state == "stalled subscriber":  # connected, subscribed, never reading: the daemon's queue to it fills
+            sub = zmq.Context.instance().socket(zmq.SUB)
+            sub.setsockopt(zmq.RCVHWM, 1)
+            sub.setsockopt(zmq.RCVBUF, 4096)
+            sub.setsockopt_string(zmq.SUBSCRIBE, "")
+            sub.connect(events)
+            held.append(sub)
+        if state == "stalled viewer":  # a stream opened with a tiny receive buffer, never read
+            v = socket.socket()
+            v.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            v.connect(("127.0.0.1", preview))
+            v.sendall(b"GET /cameras/lobby/stream.mjpg HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            held.append(v)
+        time.sleep(3.0)  # the trouble settles in (a blocked open, full buffers)
+        if state == "mid-reload":
+            d.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.3)
+        # when SIGTERM arrives
+        t0 = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        d.proc.wait(30)
+        took_s = time.monotonic() - t0
+    finally:
+        code = d.stop()
+        for h in held:
+            h.close(0) if isinstance(h, zmq.Socket) else h.close()
+        silent.close()
+    print(f"{state}: stopped in {took_s:.2f} s")
+    # then it exits cleanly within the 5 s deadline, with STOPPING=1 after the last WATCHDOG=1
+    assert code == 0, f"{state}: exit {code}:\n{d.log()[-3000:]}"
+    assert took_s <= 5.0, f"{state}: stop took {took_s:.2f} s"
+    order = [m for _, m in d.notify.messages if m in ("WATCHDOG=1", "STOPPING=1")]
+    assert "STOPPING=1" in order and "WATCHDOG=1" not in order[order.index("STOPPING=1"):], \
+        f"{state}: WATCHDOG=1 after STOPPING=1: {order[-5:]}"
+
+
+def test_recordings_rotate_and_a_killed_daemon_leaves_a_playable_segment(models_dir, tmp_path):
+    # given the demo daemon recording in 3 s segments, keeping at most 0.8 MB of them
+    rec = tmp_path / "rec"
+    d = Daemon(tmp_path, {"cameras": [{"name": "lobby", "source": "demo", "loop": True}],
+                          "events": {"bind": f"tcp://127.0.0.1:{free_port()}"}, "metrics": {"bind": None},
+                          "preview": {"bind": None, "record_path": str(rec), "record_segment_s": 3,
+                                      "record_max_gb": 0.0008},
+                          "runtime": {"models_dir": str(models_dir)}})
+    try:
+        d.wait_ready()
+        # when it has recorded for a while, then segments rotate and retention keeps the folder small
+        wait_for(lambda: len(list((rec / "lobby").glob("*.mkv"))) >= 3, 60, "three recording segments")
+        time.sleep(6)
+        segs = sorted((rec / "lobby").glob("*.mkv"))
+        total = sum(s.stat().st_size for s in segs)
+        assert total <= 0.0008e9 + max(s.stat().st_size for s in segs), f"{total} bytes kept in {len(segs)} segments"
+        # when the daemon is killed (no chance to close its writer) in the middle of a segment that holds data
+        def writing():
+            newest = sorted((rec / "lobby").glob("*.mkv"))[-1]
+            return newest if newest.stat().st_size > 64 * 1024 else None
+
+        killed_in = wait_for(writing, 30, "a segment being written with data in it")
+        d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait(10)
+    finally:
+        d.stop()
+    # then the last segment is still playable: ffprobe decodes frames from it
+    last = killed_in
+    import subprocess
+
+    from tests.helpers import need_tool
+
+    probe = subprocess.run([need_tool("ffprobe"), "-v", "error", "-count_frames", "-select_streams", "v:0",
+                            "-show_entries", "stream=nb_read_frames", "-of", "csv=p=0", str(last)],
+                           capture_output=True, text=True, timeout=60)
+    frames = int(probe.stdout.strip() or 0)
+    print(f"killed mid-segment: {last.name} {last.stat().st_size} bytes, {frames} frames readable")
+    assert frames > 0, f"the killed daemon's last segment is not playable: {probe.stdout} {probe.stderr}"

@@ -12,7 +12,7 @@ import pytest
 from agecam.config import CameraConfig
 from agecam.daemon.slot import LatestSlot
 from agecam.daemon.backoff import Backoff
-from agecam.daemon.sources import SourceError, source_kind
+from agecam.daemon.sources import SourceError, SourceUnreachable, source_kind
 from tests.helpers import wait_for
 from tests.media import frame_level, make_numbered_avi
 
@@ -165,8 +165,12 @@ def test_backoff_refuses_a_minimum_above_the_maximum():
         Backoff(2.0, 1.0)
 
 
-def test_capture_waits_out_the_backoff_and_resets_it_after_frames(run_capture):
-    # given a source that fails to open 5 times, then delivers 5 frames and fails a read, then works
+def test_capture_waits_out_the_backoff_and_resets_it_after_frames(run_capture, monkeypatch):
+    # given a source that fails to open 5 times, then delivers 5 frames and fails a read, then works; 5 frames
+    # count as "stayed up" here (the daemon asks for 5 s of frames before the backoff starts again)
+    from agecam.daemon import capture
+
+    monkeypatch.setattr(capture, "BACKOFF_RESET_AFTER_S", 0.05)
     opens: list[float] = []
     failures = 5
 
@@ -192,6 +196,38 @@ def test_capture_waits_out_the_backoff_and_resets_it_after_frames(run_capture):
     assert statuses.seq == ["offline", "online", "offline", "online"], f"transitions {statuses.calls}"
     assert statuses.calls[2][2] == "read failed"
     assert cap.reconnects == failures + 1
+
+
+def test_a_flapping_source_does_not_reset_the_backoff(run_capture):
+    # given a source that opens, delivers two frames and dies, every time (up far less than 5 s)
+    opens: list[float] = []
+
+    def open_fn(cfg):
+        opens.append(time.monotonic())
+        return ScriptedReader(fail_after=2)
+
+    run_capture(cam(reconnect_min_s=0.1, reconnect_max_s=10.0), open_fn=open_fn)
+    # when it has been reopened a few times
+    wait_for(lambda: len(opens) >= 5, 30, "five opens of the flapping source")
+    # then the waits kept growing (0.1, 0.2, 0.4, 0.8: lower bounds hold on any machine) instead of starting over
+    gaps = np.diff(opens[:5])
+    assert gaps[3] >= 0.8 * 0.95 and gaps[3] > gaps[0], f"backoff reset by a flapping source: {np.round(gaps, 3)}"
+
+
+def test_an_unreachable_server_is_probed_often_without_growing_the_backoff(run_capture):
+    # given a server that refuses TCP connections, and a 5 s minimum reconnect delay for failed opens
+    opens: list[float] = []
+
+    def open_fn(cfg):
+        opens.append(time.monotonic())
+        raise SourceUnreachable("cannot connect to 10.0.0.9:554: Connection refused")
+
+    _, _, statuses, _ = run_capture(cam(reconnect_min_s=5.0, reconnect_max_s=30.0), open_fn=open_fn)
+    # when it keeps refusing
+    wait_for(lambda: len(opens) >= 6, 30, "six connection probes")
+    # then the probes came at the probe cadence (at most ~1 s apart), far sooner than the open backoff allows
+    assert opens[5] - opens[0] < 5.0, f"probes {np.round(np.diff(opens[:6]), 2)} s apart"
+    assert statuses.seq == ["offline"] and "Connection refused" in statuses.calls[0][2]
 
 
 @pytest.mark.parametrize("where", ["read", "late read", "open"])
@@ -302,3 +338,14 @@ def test_demo_source_paces_and_ends_with_truth(run_capture):
     gaps = np.diff([f.ts for f in frames])
     assert abs(statistics.median(gaps) - 1 / 15) < 0.03, f"median spacing {statistics.median(gaps):.3f}"
     assert statuses.seq == ["online", "ended"]
+
+
+def test_backoff_jitter_only_lengthens_and_spreads_delays():
+    # given two cameras' backoffs with 20 % jitter (seeded), when drawn, then each delay is within [base, 1.2 base]
+    import random
+
+    a, b = Backoff(1.0, 8.0, jitter=0.2, rng=random.Random(1)), Backoff(1.0, 8.0, jitter=0.2, rng=random.Random(2))
+    da, db = [a.next_delay_s() for _ in range(5)], [b.next_delay_s() for _ in range(5)]
+    for d in (da, db):
+        assert all(base <= x <= base * 1.2 for x, base in zip(d, [1, 2, 4, 8, 8])), d
+    assert da != db, "two cameras retried in lockstep"

@@ -17,7 +17,7 @@ from agecam.daemon.track import TrackIds
 
 log = logging.getLogger("agecam")
 
-JOIN_TIMEOUT_S = 3.0
+STOP_DEADLINE_S = 4.0  # the whole App stops within this (systemd's TimeoutStopSec is 20 s; the goal is 5 s)
 
 
 class App:
@@ -46,6 +46,7 @@ class App:
         self.cameras: dict[str, CameraState] = {c.name: CameraState() for c in cfg.cameras if c.enabled}
         self.pipelines = {}
         self.captures = {}
+        self.recorders = {}
         self.ended = {}
         self._servers = []
         self._lock = threading.Lock()
@@ -129,9 +130,14 @@ class App:
     def _recorder(self, cam):
         if not self.cfg.preview.record_path:
             return None
-        from agecam.daemon.record import Recorder
+        from agecam.daemon.record import Recorder, RecordSettings
 
-        return Recorder(self.cfg.preview.record_path, cam.name, cam.max_fps or self.cfg.preview.max_fps)
+        p = self.cfg.preview
+        settings = RecordSettings(p.record_path, p.record_segment_s, p.record_keep_hours, p.record_max_gb, p.record_codec)
+        rec = Recorder(settings, cam.name, cam.max_fps or p.max_fps, self.metrics)
+        rec.start()
+        self.recorders[cam.name] = rec
+        return rec
 
     def _set_info(self, m) -> None:
         spec = getattr(self._age_model, "spec", None)
@@ -198,33 +204,36 @@ class App:
         return self.publisher
 
     # -- stop ------------------------------------------------------------------------------------------------------
-    def stop(self) -> list[str]:
-        """Stop everything, joining threads in reverse start order; returns names of threads that did not stop."""
+    def stop(self, deadline_s: float = STOP_DEADLINE_S) -> list[str]:
+        """Stop everything within one deadline, joining threads in reverse start order; returns the names of threads
+        that did not stop in time (daemon threads: they are abandoned, named in the log, and end with the process)."""
         if not self.started:
             return []
+        t_end = time.monotonic() + deadline_s
+
+        def left(cap_s: float = deadline_s) -> float:
+            return max(0.0, min(cap_s, t_end - time.monotonic()))
+
         self.stop_event.set()
-        stuck = []
-        for c in self.captures.values():
-            if not c.join(JOIN_TIMEOUT_S):
-                stuck.append(c.name)
-        for p in self.pipelines.values():
-            if not p.join(JOIN_TIMEOUT_S):
-                stuck.append(p.name)
+        if getattr(self, "hub", None) is not None:
+            self.hub.close()  # wakes MJPEG streams waiting for a frame
+        stuck = [w.name for w in [*self.captures.values(), *self.pipelines.values()] if not w.join(left())]
+        stuck += [r.name for r in self.recorders.values() if not r.close(left(1.0))]  # finish the segments
         age_service = getattr(self, "age_service", None)
-        if age_service is not None and not age_service.join(JOIN_TIMEOUT_S):
-            stuck.append("age")
+        if age_service is not None and not age_service.join(left()):
+            stuck.append(age_service.name)
         if self.publisher is not None and self._owns_publisher:
-            if not self.publisher.close(JOIN_TIMEOUT_S):  # sends the track.end events of the stopping pipelines
-                stuck.append("publish")
+            # sends the track.end events of the stopping pipelines; a stalled subscriber costs at most 1 s
+            if not self.publisher.close(left(), linger_s=left(1.0)):
+                stuck.append(self.publisher.name)
         for s in reversed(self._servers):
             try:
-                s.close()
+                s.close(left(2.0))
             except Exception:
                 log.exception("closing %s failed", s)
-        if getattr(self, "hub", None) is not None:
-            self.hub.close()
         if stuck:
-            log.error("threads that did not stop within %.0f s: %s", JOIN_TIMEOUT_S, ", ".join(stuck))
+            log.error("threads that did not stop within the %.0f s stop deadline (abandoned): %s", deadline_s,
+                      ", ".join(stuck))
         self.started = False
         return stuck
 
@@ -278,9 +287,19 @@ def run_command(args) -> int:
         notifier.stopping()
         return exits.USAGE if _is_refused_input(exc) else exits.FAILURE
     print(_describe(cfg, app), flush=True)
-    pinger = WatchdogPinger(notifier, lambda: app.healthy(), terminate)
+    pinging = threading.Event()  # the pinger's own stop: it ends before STOPPING=1, whatever ends the run
+    pinger = WatchdogPinger(notifier, lambda: app.healthy(), pinging)
     pinger.start()
     notifier.ready()
+
+    def shut_down(current: App | None, code: int) -> int:
+        pinging.set()
+        pinger.join(1.0)  # no WATCHDOG=1 after STOPPING=1
+        notifier.stopping()
+        log.info("stopping")
+        stuck = current.stop() if current is not None else []
+        return exits.FAILURE if stuck else code
+
     last_status = ""
     while not terminate.wait(0.5):
         line = app.status_line()
@@ -289,21 +308,16 @@ def run_command(args) -> int:
             last_status = line
         if reload_requested.is_set():
             reload_requested.clear()
-            app = _reload(app, args.config, notifier)
+            reloaded = _reload(app, args.config, notifier, terminate)
             memory.trim()  # what the old App's threads freed goes back to the system
-            if app is None:
+            if reloaded is None:
                 log.error("no config could be restarted after a failed reload; exiting so the service manager restarts us")
-                notifier.stopping()
-                pinger.join(2.0)
-                return exits.FAILURE
+                return shut_down(None, exits.FAILURE)
+            app = reloaded
         if app.all_ended():
             log.info("every camera has ended; stopping")
             break
-    notifier.stopping()
-    log.info("stopping")
-    stuck = app.stop()
-    pinger.join(2.0)
-    return exits.FAILURE if stuck else exits.OK
+    return shut_down(app, exits.OK)
 
 
 def _is_refused_input(exc: Exception) -> bool:
@@ -341,7 +355,7 @@ def _age_key(cfg: Config) -> tuple:
     return (_file_key(cfg.age.model), cfg.age.landmarks, str(r.models_dir), tuple(r.providers), r.intra_op_threads)
 
 
-def _reload(app: App, path: Path, notifier) -> App | None:
+def _reload(app: App, path: Path, notifier, terminate: threading.Event | None = None) -> App | None:
     """SIGHUP: apply a new valid config by restarting the components; keep the old one on any error."""
     from agecam.logs import add_secret
 
@@ -368,6 +382,9 @@ def _reload(app: App, path: Path, notifier) -> App | None:
     except Exception as exc:
         log.error("reload refused, keeping the running config: %s", exc)
         notifier.ready()
+        return app
+    if terminate is not None and terminate.is_set():  # SIGTERM while the new models loaded: stop, do not switch
+        log.info("reload abandoned: stopping")
         return app
     if keep_publisher:
         app.hand_over_publisher()

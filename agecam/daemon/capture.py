@@ -19,7 +19,7 @@ from agecam.config import CameraConfig
 from agecam.secrets import secret_free
 from agecam.daemon.backoff import Backoff
 from agecam.daemon.slot import LatestSlot
-from agecam.daemon.sources import SourceEnded, SourceError, open_source
+from agecam.daemon.sources import SourceEnded, SourceError, SourceUnreachable, open_source
 from agecam.daemon.types import Frame
 from agecam.daemon.worker import Worker
 
@@ -29,6 +29,9 @@ OPEN_GRACE_S = 2.0  # the supervisor's open deadline: open_timeout_s plus up to 
 POLL_S = 0.1  # supervisor check interval: watchdog resolution and stop latency (a finished attempt wakes it at once)
 MAX_STUCK_READERS = 3  # abandoned readers still blocked in a call; beyond this no new one is opened
 FALL_BEHIND_RESET_S = 1.0  # a paced source that falls this far behind restarts its schedule instead of bursting
+BACKOFF_RESET_AFTER_S = 5.0  # a source must deliver frames this long before its reconnect backoff starts again
+BACKOFF_JITTER = 0.2  # delays grow by up to 20 %, so cameras behind one failed server do not retry in lockstep
+PROBE_MIN_S, PROBE_MAX_S = 0.1, 0.8  # retry cadence while the server refuses TCP connections (~1 probe/s at most)
 
 StatusFn = Callable[[str, str, str], None]
 OpenFn = Callable[[CameraConfig], Any]
@@ -41,10 +44,18 @@ class _Session:
         self.cancel = threading.Event()
         self.started_mono = time.monotonic()
         self.opened_mono: float | None = None
+        self.first_frame_mono: float | None = None
         self.last_frame_mono: float | None = None
         self.frames = 0
-        self.outcome: tuple[str, str] | None = None  # ('ended' | 'failed', reason) once the worker is done
+        self.outcome: tuple[str, str] | None = None  # ('ended' | 'failed' | 'unreachable', reason) when done
         self.done: queue.Queue[bool] = queue.Queue(maxsize=1)  # the worker puts once when it finishes
+
+    @property
+    def up_s(self) -> float:
+        """How long this session delivered frames (first to last), 0 before two frames."""
+        if self.first_frame_mono is None or self.last_frame_mono is None:
+            return 0.0
+        return self.last_frame_mono - self.first_frame_mono
 
 
 class CaptureThread(Worker):
@@ -98,27 +109,34 @@ class CaptureThread(Worker):
     # supervisor -------------------------------------------------------------------------------------------------
     def _run(self) -> None:
         cfg = self.cam
-        backoff = Backoff(cfg.reconnect_min_s, cfg.reconnect_max_s)
+        backoff = Backoff(cfg.reconnect_min_s, cfg.reconnect_max_s, jitter=BACKOFF_JITTER)
+        probe = Backoff(min(PROBE_MIN_S, cfg.reconnect_min_s), min(PROBE_MAX_S, cfg.reconnect_max_s), jitter=BACKOFF_JITTER)
         attempts = 0
         while not self.stop_event.is_set():
             if attempts:
                 self.reconnects += 1
             attempts += 1
             try:
-                outcome, reason, got_frames = self._attempt()
+                outcome, reason, up_s = self._attempt()
             except Exception as exc:  # a bug here must not kill the camera silently
                 log.exception("camera %s: capture supervisor failed", cfg.name)
-                outcome, reason, got_frames = "failed", f"internal error: {type(exc).__name__}: {exc}", False
+                outcome, reason, up_s = "failed", f"internal error: {type(exc).__name__}: {exc}", 0.0
             if self.stop_event.is_set():
                 break
             if outcome == "ended":
                 self._set_status("ended", reason)
                 log.info("camera %s ended: %s", cfg.name, reason)
                 return
-            if got_frames:
-                backoff.reset()  # the source worked: start the backoff again
+            if up_s >= BACKOFF_RESET_AFTER_S:
+                backoff.reset()  # the source stayed up a while: start the backoff again (a flapping one does not)
             self._set_status("offline", reason)
-            delay_s = backoff.next_delay_s()
+            if outcome == "unreachable":
+                # the port refuses or does not answer: a TCP probe is cheap, so it is retried often (capped at
+                # PROBE_MAX_S) and a server that comes back is found within a second; the open backoff waits
+                delay_s = probe.next_delay_s()
+            else:
+                probe.reset()
+                delay_s = backoff.next_delay_s()
             log.debug("camera %s (%s): attempt %d failed (%s); retrying in %.2f s", cfg.name, self._source_text,
                       attempts, secret_free(reason), delay_s)
             if self.stop_event.wait(delay_s):
@@ -145,10 +163,10 @@ class CaptureThread(Worker):
                 pass
             if self.stop_event.is_set():
                 self._abandon(session, worker, join_s=0.5)
-                return "stopped", "", session.frames > 0
+                return "stopped", "", session.up_s
             if session.outcome is not None:
                 worker.join(1.0)
-                return session.outcome[0], session.outcome[1], session.frames > 0
+                return session.outcome[0], session.outcome[1], session.up_s
             now = time.monotonic()
             if session.opened_mono is None:
                 if now - session.started_mono > open_deadline_s:
@@ -158,7 +176,7 @@ class CaptureThread(Worker):
                 last = session.last_frame_mono or session.opened_mono
                 if now - last > cfg.read_timeout_s:
                     self._abandon(session, worker)
-                    return "failed", f"no frame for {cfg.read_timeout_s:g} s", session.frames > 0
+                    return "failed", f"no frame for {cfg.read_timeout_s:g} s", session.up_s
 
     def _abandon(self, session: _Session, worker: threading.Thread, join_s: float = 0.2) -> None:
         session.cancel.set()
@@ -208,6 +226,8 @@ class CaptureThread(Worker):
                 self._deliver(s, image, truth)
         except SourceEnded as exc:
             outcome = ("ended", str(exc) or "end of source")
+        except SourceUnreachable as exc:
+            outcome = ("unreachable", str(exc))
         except SourceError as exc:
             outcome = ("failed", str(exc))
         except Exception as exc:
@@ -227,6 +247,7 @@ class CaptureThread(Worker):
         s.last_frame_mono = now_mono
         s.frames += 1
         if s.frames == 1:
+            s.first_frame_mono = now_mono
             self._set_status("online", "", session=s)
         if self.cam.max_fps:
             period_s = 1.0 / self.cam.max_fps

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 STAGES = ("wait", "detect", "track", "chip", "age", "publish", "annotate", "encode")
 DROP_STAGES = ("capture", "age", "preview", "record")
 EVENT_TYPES = ("track.start", "track.update", "track.end", "camera.status")
-DROP_REASONS = ("queue_full", "hwm", "send_error")
+DROP_REASONS = ("queue_full", "send_error")  # per-subscriber HWM drops are invisible to PUB: seq gaps show them
 
 _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _EVENT_LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -62,6 +62,12 @@ class NullMetrics:
 
     def preview_viewers(self, camera: str, n: int) -> None:
         """Open MJPEG streams of a camera."""
+
+    def record_segment(self, camera: str, size_bytes: int) -> None:
+        """A recording segment was finished."""
+
+    def record_error(self, camera: str) -> None:
+        """Recording stopped on an error (full disk, writer failure); it is retried later."""
 
 
 def _dist_version(*names: str) -> str:
@@ -106,8 +112,9 @@ class Metrics(NullMetrics):
             "agecam_events_published_total", "Events handed to ZeroMQ.", ["type"], registry=r)
         self.events_dropped_total = Counter(
             "agecam_events_dropped_total",
-            "Events not published: queue_full = internal queue full, hwm = ZeroMQ high-water mark, "
-            "send_error = the socket refused the message.", ["reason"], registry=r)
+            "Events not published: queue_full = internal queue full, send_error = the socket refused the message. "
+            "(A slow subscriber's own losses at its high-water mark show as gaps in its events' seq.)",
+            ["reason"], registry=r)
         self.reconnects_total = Counter(
             "agecam_reconnects_total", "Times a camera came back online after it failed or went silent.", ["camera"], registry=r)
         self.camera_up_gauge = Gauge(
@@ -117,6 +124,11 @@ class Metrics(NullMetrics):
             buckets=_EVENT_LATENCY_BUCKETS_S, registry=r)
         self.preview_viewers_gauge = Gauge(
             "agecam_preview_viewers", "Open MJPEG preview streams.", ["camera"], registry=r)
+        self.recorded_bytes_total = Counter(
+            "agecam_recorded_bytes_total", "Bytes of finished recording segments.", ["camera"], registry=r)
+        self.record_errors_total = Counter(
+            "agecam_record_errors_total", "Times recording stopped on an error (full disk, writer failure).",
+            ["camera"], registry=r)
         self.model = Info(
             "agecam_model", "Models in use (detector kind and model, age model name, version and sha256 prefix).",
             registry=r)
@@ -176,12 +188,18 @@ class Metrics(NullMetrics):
     def preview_viewers(self, camera: str, n: int) -> None:
         self.preview_viewers_gauge.labels(camera=camera).set(n)
 
+    def record_segment(self, camera: str, size_bytes: int) -> None:
+        self.recorded_bytes_total.labels(camera=camera).inc(size_bytes)
+
+    def record_error(self, camera: str) -> None:
+        self.record_errors_total.labels(camera=camera).inc()
+
     def add_cameras(self, cameras: Iterable[str]) -> None:
         """Create every per-camera series at zero so rates and absences are visible from the first scrape."""
         for cam in cameras:
             for metric in (self.frames_captured_total, self.frames_processed_total, self.faces_detected_total,
                            self.age_samples_total, self.active_tracks, self.reconnects_total, self.camera_up_gauge,
-                           self.preview_viewers_gauge):
+                           self.preview_viewers_gauge, self.recorded_bytes_total, self.record_errors_total):
                 metric.labels(camera=cam)
             for stage in DROP_STAGES:
                 self.frames_dropped_total.labels(camera=cam, stage=stage)

@@ -270,8 +270,6 @@ class CameraPipeline(Worker):
         for tid in list(self.records):  # anything the tracker no longer knew about
             self._finish(self.records[tid].track, ts)
         self.metrics.tracks_active(self.cam.name, 0)
-        if self.recorder is not None:
-            self.recorder.close()
 
     def _emit(self, type_: str, track: Track, age: AgeEstimate | None, ts: float) -> None:
         box = track.box_xyxy

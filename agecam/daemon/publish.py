@@ -21,6 +21,7 @@ def _client_keys(folder: Path) -> frozenset[tuple[str, bytes]]:
     return frozenset((p.name, p.read_bytes()) for p in folder.glob("*.key") if p.is_file())
 
 
+HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS = 5000, 15000  # a peer silent for 15 s is disconnected
 MAX_INBOUND_BYTES = 4096  # MAXMSGSIZE: a peer sending more is disconnected (PUB receives only subscriptions)
 
 
@@ -41,8 +42,14 @@ class Publisher(Worker):
         self._ctx = zmq.Context.instance()
         self._auth = None
         self._sock = self._ctx.socket(zmq.PUB)
+        # per subscriber at most `hwm` queued messages: beyond it PUB drops that subscriber's copy silently (it cannot
+        # be counted here, and XPUB_NODROP would stall every subscriber for one slow one); a subscriber sees the
+        # loss as a gap in `seq`. Heartbeats drop peers that died without closing, so they hold no queue.
         self._sock.setsockopt(zmq.SNDHWM, cfg.hwm)
         self._sock.setsockopt(zmq.LINGER, 2000)
+        self._sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        self._sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
         self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_INBOUND_BYTES)  # subscribers send only short subscriptions
         if cfg.curve is not None:
             self._enable_curve(cfg.curve)
@@ -100,9 +107,6 @@ class Publisher(Worker):
             self._sock.send_multipart(encode(event), flags=zmq.NOBLOCK)
             latency_s = None if event["type"] == CAMERA_STATUS else time.time() - event["ts"]
             self.metrics.event_published(event["type"], time.perf_counter() - t0, latency_s)
-        except zmq.Again:  # high-water mark reached for every peer
-            self.dropped += 1
-            self.metrics.event_dropped("hwm")
         except zmq.ZMQError as exc:  # never let one bad send kill the thread
             self.dropped += 1
             self.metrics.event_dropped("send_error")
@@ -130,14 +134,15 @@ class Publisher(Worker):
         self._clients_seen = now
         return True
 
-    def close(self, timeout_s: float) -> bool:
-        """Stop the thread, send what is still queued, close the socket; True when the thread stopped in time."""
+    def close(self, timeout_s: float, linger_s: float = 2.0) -> bool:
+        """Stop the thread, send what is still queued, close the socket (waiting at most linger_s for slow
+        subscribers to take it); True when the thread stopped in time."""
         self._stop.set()
         stopped = self.join(timeout_s)
-        self.drain_and_close()
+        self.drain_and_close(linger_s)
         return stopped
 
-    def drain_and_close(self) -> int:
+    def drain_and_close(self, linger_s: float = 2.0) -> int:
         """After every producer has stopped: send what is still queued, then close. Returns how many were sent."""
         sent = 0
         while True:
@@ -147,7 +152,7 @@ class Publisher(Worker):
                 break
             self._send(event)
             sent += 1
-        self._sock.close(linger=2000)
+        self._sock.close(linger=int(linger_s * 1000))
         if self._auth is not None:
             self._auth.stop()
         return sent

@@ -30,7 +30,9 @@ from agecam.secrets import secret_free
 log = logging.getLogger(__name__)
 
 DEMO_FPS = 15.0
-RTSP_CAPTURE_OPTIONS = "rtsp_transport;tcp"
+# RTSP over TCP, and half a second of stream analysis instead of FFmpeg's default 5 s probing: opening measured
+# 1.87 s -> 0.61 s on the test server. Options a user sets in OPENCV_FFMPEG_CAPTURE_OPTIONS are kept.
+RTSP_CAPTURE_OPTIONS = {"rtsp_transport": "tcp", "analyzeduration": "500000"}
 BACKLOG_FAST_FRACTION = 0.25  # at open, a grab faster than this fraction of a frame interval is a buffered frame
 BACKLOG_MAX_S = 10.0  # ...and at most this many seconds of frames are discarded
 
@@ -41,6 +43,10 @@ class SourceEnded(Exception):
 
 class SourceError(Exception):
     """A source that cannot be opened or read; the message is the offline reason (kept free of secrets)."""
+
+
+class SourceUnreachable(SourceError):
+    """The source's server does not accept TCP connections (refused or no answer): cheap to probe again soon."""
 
 
 # -- opening sources -------------------------------------------------------------------------------------------------
@@ -160,12 +166,14 @@ def quiet_native_logs() -> None:
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
 
-def _ensure_rtsp_over_tcp() -> None:
-    """OpenCV's FFmpeg backend reads OPENCV_FFMPEG_CAPTURE_OPTIONS at open: ask for RTSP over TCP, keep user options."""
+def _ensure_rtsp_options() -> None:
+    """OpenCV's FFmpeg backend reads OPENCV_FFMPEG_CAPTURE_OPTIONS at open: add ours, keep the user's."""
     with _env_lock:
         cur = os.environ.get("OPENCV_FFMPEG_CAPTURE_OPTIONS", "")
-        if "rtsp_transport" not in cur:
-            os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = f"{cur}|{RTSP_CAPTURE_OPTIONS}" if cur else RTSP_CAPTURE_OPTIONS
+        have = {kv.split(";", 1)[0] for kv in cur.split("|") if kv}
+        extra = [f"{k};{v}" for k, v in RTSP_CAPTURE_OPTIONS.items() if k not in have]
+        if extra:
+            os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = "|".join(([cur] if cur else []) + extra)
 
 
 def _ffmpeg_timeouts(cam: CameraConfig) -> list[int]:
@@ -223,14 +231,14 @@ def _check_reachable(url: str, timeout_s: float) -> None:
         socket.create_connection((host, port), timeout=timeout_s).close()
     except OSError as exc:
         why = exc.strerror or type(exc).__name__  # socket.timeout has no strerror
-        raise SourceError(f"cannot connect to {host}:{port}: {why}") from None
+        raise SourceUnreachable(f"cannot connect to {host}:{port}: {why}") from None
 
 
 def open_stream(cam: CameraConfig) -> CvReader:
     """An RTSP (over TCP) or other network stream through FFmpeg, with open and read timeouts."""
     url = str(cam.source)
     if source_kind(url) == "rtsp":
-        _ensure_rtsp_over_tcp()
+        _ensure_rtsp_options()
         _check_reachable(url, cam.open_timeout_s)
     cap = cv2.VideoCapture(url, cv2.CAP_FFMPEG, _ffmpeg_timeouts(cam))
     if not cap.isOpened():
