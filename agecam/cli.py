@@ -10,7 +10,7 @@ from agecam import __version__, exits
 # Each module offers register(subparsers) that adds its sub-commands with set_defaults(func=...).
 # register() must not import torch: heavy imports happen inside the command function.
 COMMAND_MODULES = (
-    "agecam.daemon.app",  # run
+    "agecam.daemon.run",  # run
     "agecam.events_cli",  # events
     "agecam.config_cli",  # config check
     "agecam.keys",  # keys generate

@@ -1,10 +1,8 @@
 """The one typed configuration schema, loaded from YAML, with errors that name their field."""
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
-import socket
 from pathlib import Path
 from typing import Literal
 
@@ -12,6 +10,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, StrictStr, ValidationError,
                       field_validator, model_validator)
 
+from agecam.netcheck import check_host_port, check_token, is_loopback_host
 from agecam.secrets import resolve_refs, secret_free, url_secrets
 
 DEFAULT_MODELS_DIR = Path(os.environ.get("AGECAM_MODELS_DIR", Path.home() / ".cache" / "agecam" / "models"))
@@ -140,38 +139,6 @@ class AgeConfig(_Section):
         return self
 
 
-MIN_TOKEN_CHARS = 16
-
-
-def _check_token(v: str | None) -> str | None:
-    if v is not None and len(v) < MIN_TOKEN_CHARS:
-        raise ValueError(f"must be at least {MIN_TOKEN_CHARS} characters (e.g. `openssl rand -hex 16`)")
-    return v
-
-
-def is_loopback_host(host: str) -> bool:
-    """True when every address `host` resolves to is a loopback address (decided on addresses, not on spelling)."""
-    host = host.strip("[]")
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except OSError:
-        return False  # unresolvable: not known to be loopback
-    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
-
-
-def _check_host_port(v: str | None) -> str | None:
-    if v is None:
-        return v
-    m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):(\d{1,5})", v)
-    if not m or not 0 <= int(m.group(2)) <= 65535:
-        raise ValueError("expected HOST:PORT with a port from 0 to 65535, e.g. 127.0.0.1:9108")
-    return v
-
-
 class CurveConfig(_Section):
     """ZeroMQ CURVE: encrypted events, delivered only to subscribers whose public key is in the allow-list."""
 
@@ -216,7 +183,24 @@ class EventsConfig(_Section):
         return self
 
 
-class MetricsConfig(_Section):
+class _HttpSurface(_Section):
+    """An HTTP listener: HOST:PORT (loopback by default), and a token that is mandatory off loopback."""
+
+    bind: str | None = Field(None, description="HOST:PORT to listen on; null disables it.")
+    token: str | None = Field(None, description="Required from every client when set; mandatory off loopback.")
+
+    _v = field_validator("bind")(classmethod(lambda cls, v: check_host_port(v)))
+    _t = field_validator("token")(classmethod(lambda cls, v: check_token(v)))
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self):
+        if self.bind and not is_loopback_host(self.bind.rsplit(":", 1)[0]) and not self.token:
+            raise ValueError("token: required when bind is not a loopback address (anyone on the network could "
+                             "reach it)")
+        return self
+
+
+class MetricsConfig(_HttpSurface):
     """Prometheus endpoint."""
 
     bind: str | None = Field("127.0.0.1:9108", description="HOST:PORT serving /metrics; null disables it.")
@@ -224,17 +208,8 @@ class MetricsConfig(_Section):
         None, description="Bearer token Prometheus must send (scrape config `authorization: {credentials: ...}`); "
         "mandatory when bind is not loopback. Use ${env:NAME} or ${cred:NAME} to keep it out of this file.")
 
-    _v = field_validator("bind")(classmethod(lambda cls, v: _check_host_port(v)))
-    _t = field_validator("token")(classmethod(lambda cls, v: _check_token(v)))
 
-    @model_validator(mode="after")
-    def _token_off_loopback(self) -> "MetricsConfig":
-        if self.bind and not is_loopback_host(self.bind.rsplit(":", 1)[0]) and not self.token:
-            raise ValueError("token: required when bind is not a loopback address")
-        return self
-
-
-class PreviewConfig(_Section):
+class PreviewConfig(_HttpSurface):
     """Annotated live preview over HTTP."""
 
     bind: str | None = Field("127.0.0.1:8080", description="HOST:PORT serving the preview; null disables it.")
@@ -261,15 +236,6 @@ class PreviewConfig(_Section):
     record_codec: Literal["auto", "mp4v", "vp8", "h264", "mjpg"] = Field(
         "auto", description="auto: H.264 where OpenCV's FFmpeg has an encoder, else mp4v (~1 ms a frame; plays in "
         "VLC, mpv, ffplay). vp8 also plays in browsers but costs ~20 ms of CPU a frame.")
-
-    _v = field_validator("bind")(classmethod(lambda cls, v: _check_host_port(v)))
-    _t = field_validator("token")(classmethod(lambda cls, v: _check_token(v)))
-
-    @model_validator(mode="after")
-    def _token_off_loopback(self) -> "PreviewConfig":
-        if self.bind and not is_loopback_host(self.bind.rsplit(":", 1)[0]) and not self.token:
-            raise ValueError("token: required when bind is not a loopback address (anyone on the network could watch)")
-        return self
 
 
 class RuntimeConfig(_Section):

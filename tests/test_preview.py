@@ -20,7 +20,7 @@ from agecam.daemon.hub import PreviewHub
 from agecam.daemon.metrics import Metrics
 from agecam.daemon.preview import PreviewServer
 from agecam.events import AgeEstimate
-from tests.helpers import read_video, wait_for
+from tests.helpers import wait_for
 
 STABLE = AgeEstimate(34.2, 3.1, 29.0, 39.5, 12, True)
 UNSTABLE = AgeEstimate(27.6, 6.4, 20.0, 35.0, 3, False)

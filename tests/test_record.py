@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from agecam.daemon import record
-from agecam.daemon.annotate import STABLE_BGR, TrackView, annotate
+from agecam.daemon.annotate import TrackView, annotate
 from agecam.daemon.metrics import Metrics
 from agecam.daemon.record import Recorder, RecordSettings, apply_retention, segment_name
 from agecam.events import AgeEstimate

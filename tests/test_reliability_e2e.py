@@ -197,3 +197,28 @@ def test_recordings_rotate_and_a_killed_daemon_leaves_a_playable_segment(models_
     frames = int(probe.stdout.strip() or 0)
     print(f"killed mid-segment: {last.name} {last.stat().st_size} bytes, {frames} frames readable")
     assert frames > 0, f"the killed daemon's last segment is not playable: {probe.stdout} {probe.stderr}"
+
+
+def test_a_short_soak_stays_flat(rtsp_ready, tmp_path):
+    # given bench/soak.py: a demo and an RTSP camera, a subscriber, a viewer, reloads and RTSP outages
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, str(root / "bench" / "soak.py"), "--minutes", "2", "--cameras", "2",
+                          "--reload-every-s", "30", "--kill-every-s", "40", "--sample-every-s", "15",
+                          "--warmup-min", "0.5", "--agecam", str(Path(sys.executable).parent / "agecam")],
+                         capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    out = res.stdout + res.stderr
+    print(out[-1500:])
+    # when it has run two minutes, then the daemon exited cleanly, lost no event, and stayed within loose bounds
+    assert res.returncode == 0, out[-3000:]
+    rows = [tuple(float(x) for x in line.split()) for line in out.splitlines() if re.fullmatch(r"\s*[\d.]+(\s+\d+){7}\s*", line)]
+    assert len(rows) >= 6, f"too few samples:\n{out}"
+    rss = [r[1] for r in rows]
+    threads, fds, gaps, reloads, kills = ([r[i] for r in rows] for i in (2, 3, 5, 6, 7))
+    assert max(rss[2:]) < 1.3 * rss[1], f"RSS grew: {rss}"
+    assert max(threads) - min(threads) <= 3 and max(fds) - min(fds) <= 3, f"threads {threads}, fds {fds}"
+    assert gaps[-1] == 0, f"{gaps[-1]} events lost by a fast subscriber"
+    assert reloads[-1] >= 3 and kills[-1] >= 2, f"the soak did not exercise reloads and outages: {rows[-1]}"
