@@ -128,7 +128,11 @@ class AgeConfig(_Section):
     stable_min_samples: int = Field(5, ge=1, le=10000, description="...and it has at least this many samples.")
     max_samples: int = Field(60, ge=1, le=10000, description="Samples kept per track (oldest forgotten first).")
     min_face_px: int = Field(32, ge=8, le=1024, description="Faces smaller than this are not sampled.")
-    min_quality: float = Field(0.15, ge=0, le=1, description="Crops whose quality (size, sharpness, pose) is below this are skipped.")
+    min_quality: float = Field(0.15, ge=0, le=1, description="Crops at or above this quality (size, sharpness, pose, "
+                               "detector score) are aged at once; poorer ones wait (see max_wait_s).")
+    max_wait_s: float = Field(1.0, ge=0, le=60, description="A track with no crop at min_quality for this long is "
+                              "aged from its best poorer crop, weighted by its quality (a wide interval); better crops "
+                              "take over later. Lower ages turned or blurred faces sooner but noisier.")
     max_batch: int = Field(16, ge=1, le=256, description="Largest age batch across cameras; bigger is faster per face but adds latency.")
 
     @model_validator(mode="after")

@@ -61,6 +61,8 @@ def run_daemon(source: str, cameras: int, seconds: float, models_dir: str) -> di
     first = [d for p in app.pipelines.values() for d in p.stats.first_age_delays_s]
     lat = [d for p in app.pipelines.values() for d in p.stats.event_latencies_s]
     app.stop()
+    ended = [e for p in app.pipelines.values() for e in p.stats.ended_tracks]  # (seen s, first-age delay or inf)
+    visits = [d for seen, d in ended if seen >= 2.0]
     return {
         "scenario": f"{Path(source).name} x{cameras}", "wall_s": wall,
         "captured_fps_per_cam": sum(captured.values()) / wall / cameras,
@@ -68,6 +70,10 @@ def run_daemon(source: str, cameras: int, seconds: float, models_dir: str) -> di
         "full_searches": full, "region_searches": region,
         "faces_aged_per_s": faces / wall,
         "first_age_p50_s": _pct(first, 50), "first_age_p95_s": _pct(first, 95),
+        # every ended track counted, a never-aged one as never (inf): the share without an age, and visits >= 2 s
+        "tracks_ended": len(ended), "unaged_share": sum(d == float("inf") for _, d in ended) / max(1, len(ended)),
+        "visits_2s_unaged": sum(d == float("inf") for d in visits), "visits_2s": len(visits),
+        "visit_first_age_p50_s": _pct(visits, 50), "visit_first_age_p95_s": _pct(visits, 95),
         "event_latency_p50_s": _pct(lat, 50), "event_latency_p95_s": _pct(lat, 95),
         "cpu_s_per_cam_s": cpu / wall / cameras,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -185,6 +191,13 @@ def main() -> int:
                   f"{r['faces_aged_per_s']:>8.1f}{r['first_age_p50_s']:>10.2f}/{r['first_age_p95_s']:<8.2f}"
                   f"{r['event_latency_p50_s']:>12.3f}/{r['event_latency_p95_s']:<8.3f}{r['cpu_s_per_cam_s']:>13.3f}"
                   f"{r['peak_rss_mb']:>8.0f}   ({ratio:.2f}x baseline CPU)")
+    print("\nage coverage: ended tracks, share that never got an age, and visits seen >= 2 s (a never-aged one counts "
+          "as never in the first-age delay from the face's first frame)")
+    for r in rows:
+        if "tracks_ended" in r:
+            print(f"{r['scenario']:<22}{r['tracks_ended']:>5} tracks, {r['unaged_share'] * 100:5.1f} % unaged; "
+                  f"visits >= 2 s: {r['visits_2s']}, {r['visits_2s_unaged']} unaged, first age p50/p95 "
+                  f"{r['visit_first_age_p50_s']:.2f}/{r['visit_first_age_p95_s']:.2f} s")
     return 0
 
 

@@ -25,6 +25,7 @@ class AgeRequest:
     weight: float
     ts: float
     reply: "queue.Queue[AgeResult]"
+    min_std_years: float = 0.0  # a floor on the sample's spread (crops let through below the quality gate)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class AgeResult:
     probs: np.ndarray
     weight: float
     ts: float
+    min_std_years: float = 0.0
 
 
 class AgeService(Worker):
@@ -85,7 +87,7 @@ class AgeService(Worker):
             self.faces += len(batch)
             for req, p in zip(batch, probs):
                 try:
-                    req.reply.put_nowait(AgeResult(req.track_id, p, req.weight, req.ts))
+                    req.reply.put_nowait(AgeResult(req.track_id, p, req.weight, req.ts, req.min_std_years))
                 except queue.Full:
                     pass  # the pipeline is gone or far behind; the sample is simply lost
 

@@ -11,6 +11,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                PlatformCollector, ProcessCollector, generate_latest)
 
 import agecam
+from agecam.daemon.gate import UNAGED_REASONS
 from agecam.daemon.httpserve import BaseHandler, BoundedHTTPServer, split_host_port
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,9 @@ class NullMetrics:
     def record_error(self, camera: str) -> None:
         """Recording stopped on an error (full disk, writer failure); it is retried later."""
 
+    def track_unaged(self, camera: str, reason: str) -> None:
+        """A confirmed track ended without any age (reason one of UNAGED_REASONS)."""
+
 
 def _dist_version(*names: str) -> str:
     """Installed version of the first distribution found among names, without importing it."""
@@ -126,6 +130,10 @@ class Metrics(NullMetrics):
             "agecam_preview_viewers", "Open MJPEG preview streams.", ["camera"], registry=r)
         self.recorded_bytes_total = Counter(
             "agecam_recorded_bytes_total", "Bytes of finished recording segments.", ["camera"], registry=r)
+        self.tracks_unaged_total = Counter(
+            "agecam_tracks_unaged_total", "Confirmed tracks that ended without any age: too_small (every crop below "
+            "age.min_face_px), no_chip (no landmarks to cut a chip), too_short (gone before a sample came back).",
+            ["camera", "reason"], registry=r)
         self.record_errors_total = Counter(
             "agecam_record_errors_total", "Times recording stopped on an error (full disk, writer failure).",
             ["camera"], registry=r)
@@ -194,6 +202,11 @@ class Metrics(NullMetrics):
     def record_error(self, camera: str) -> None:
         self.record_errors_total.labels(camera=camera).inc()
 
+    def track_unaged(self, camera: str, reason: str) -> None:
+        if reason not in UNAGED_REASONS:
+            raise KeyError(f"unaged reason {reason!r} is not one of {UNAGED_REASONS}")
+        self.tracks_unaged_total.labels(camera=camera, reason=reason).inc()
+
     def add_cameras(self, cameras: Iterable[str]) -> None:
         """Create every per-camera series at zero so rates and absences are visible from the first scrape."""
         for cam in cameras:
@@ -203,6 +216,8 @@ class Metrics(NullMetrics):
                 metric.labels(camera=cam)
             for stage in DROP_STAGES:
                 self.frames_dropped_total.labels(camera=cam, stage=stage)
+            for reason in UNAGED_REASONS:
+                self.tracks_unaged_total.labels(camera=cam, reason=reason)
 
     def set_model_info(self, *, detector_kind: str, detector_model: str, age_model: str, age_version: str,
                        age_sha256: str) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 from agecam.config import CameraConfig, Config
 from agecam.daemon.agesvc import AgeRequest, AgeResult, AgeService
 from agecam.daemon.chip import chip_quality
+from agecam.daemon.gate import QualityGate
 from agecam.daemon.metrics import NullMetrics
 from agecam.daemon.sampling import Cadence, due_for_sample
 from agecam.daemon.smooth import AgeSmoother
@@ -34,11 +35,13 @@ class TrackRecord:
 
     track: Track
     smoother: AgeSmoother
+    gate: QualityGate
     confirmed_s: float  # capture time of confirmation: the sampler's clock for a first sample starts here
     first_seen_s: float  # capture time of the face's first frame: first-age delays are measured from here
     last_sampled_s: float | None = None
     quality: float | None = None  # quality score of the last crop considered
     aged: bool = False  # an age sample has come back
+    first_age_delay_s: float = float("inf")  # from the face's first frame to its first age
     last_sent_years: float | None = None
     last_sent_s: float = 0.0
 
@@ -57,6 +60,8 @@ class PipelineStats:
     fps: float = 0.0
     first_age_delays_s: deque = field(default_factory=lambda: deque(maxlen=STATS_KEEP))
     event_latencies_s: deque = field(default_factory=lambda: deque(maxlen=STATS_KEEP))
+    # per ended track: (seconds it was seen, first-age delay from its first frame or inf when it never got one)
+    ended_tracks: deque = field(default_factory=lambda: deque(maxlen=STATS_KEEP))
 
 
 @dataclass(frozen=True)
@@ -208,7 +213,9 @@ class CameraPipeline(Worker):
             if rec is not None:
                 rec.track = t
             elif t.is_confirmed:
-                rec = TrackRecord(t, AgeSmoother(self.cfg.age, self.age_model.bins_years), confirmed_s=ts,
+                acfg = self.cfg.age
+                rec = TrackRecord(t, AgeSmoother(acfg, self.age_model.bins_years),
+                                  QualityGate(acfg.min_quality, acfg.max_wait_s), confirmed_s=ts,
                                   first_seen_s=t.first_seen_ts, last_sent_s=ts)
                 self.records[t.track_id] = rec
                 self._emit("track.start", t, None, ts)
@@ -231,17 +238,25 @@ class CameraPipeline(Worker):
             i = rec.track.det_index
             box = dets.boxes_xyxy[i]
             rec.last_sampled_s = ts
-            if dets.landmarks is None or min(box[2] - box[0], box[3] - box[1]) < acfg.min_face_px:
+            if min(box[2] - box[0], box[3] - box[1]) < acfg.min_face_px:
+                rec.gate.too_small += 1  # a hard floor: too few pixels for any age
+                continue
+            if dets.landmarks is None:
+                rec.gate.no_landmarks += 1
                 continue
             lm = dets.landmarks[i]
             q = chip_quality(frame.image, box, lm, float(dets.scores[i]))
             rec.quality = q
-            if q < acfg.min_quality:
-                continue
-            t0 = time.perf_counter()
-            chip = self.age_model.make_chip(frame.image, lm, box)
-            self.metrics.stage_time("chip", time.perf_counter() - t0)
-            self.age_service.submit(AgeRequest(self.cam.name, tid, chip, q, ts, self.replies))
+            passed = rec.gate.offer(q, ts, lambda: self._chip(frame.image, lm, box))
+            if passed is not None:
+                chip, weight, chip_ts, min_std = passed
+                self.age_service.submit(AgeRequest(self.cam.name, tid, chip, weight, chip_ts, self.replies, min_std))
+
+    def _chip(self, image: np.ndarray, landmarks, box) -> np.ndarray:
+        t0 = time.perf_counter()
+        chip = self.age_model.make_chip(image, landmarks, box)
+        self.metrics.stage_time("chip", time.perf_counter() - t0)
+        return chip
 
     def _drain_replies(self) -> None:
         while True:
@@ -252,15 +267,19 @@ class CameraPipeline(Worker):
             rec = self.records.get(r.track_id)
             if rec is None:
                 continue  # the track ended while its sample was in flight
-            rec.smoother.add(r.probs, r.weight, r.ts)
+            rec.smoother.add(r.probs, r.weight, r.ts, r.min_std_years)
             if not rec.aged:
                 rec.aged = True
-                self.stats.first_age_delays_s.append(time.time() - rec.first_seen_s)
+                rec.first_age_delay_s = time.time() - rec.first_seen_s
+                self.stats.first_age_delays_s.append(rec.first_age_delay_s)
 
     def _finish(self, track: Track, ts: float) -> None:
         rec = self.records.pop(track.track_id, None)
         if rec is not None:
             self._emit("track.end", track, rec.estimate(), ts)
+            self.stats.ended_tracks.append((track.last_seen_ts - track.first_seen_ts, rec.first_age_delay_s))
+            if not rec.aged:
+                self.metrics.track_unaged(self.cam.name, rec.gate.unaged_reason())
 
     def _end_all(self, ts: float) -> None:
         """End every open track (camera ended, crashed or daemon stopping)."""

@@ -50,8 +50,10 @@ class AgeSmoother:
         self._cache: AgeEstimate | None = None
         self._dirty = False
 
-    def add(self, probs, weight: float = 1.0, ts: float = 0.0) -> None:
-        """Add one sample: a distribution over the age bins (any positive scale), its quality weight, capture time."""
+    def add(self, probs, weight: float = 1.0, ts: float = 0.0, min_std_years: float = 0.0) -> None:
+        """Add one sample: a distribution over the age bins (any positive scale), its quality weight, capture time,
+        and a floor on its spread (a crop let through below the quality gate: the model's confidence on a poor
+        chip is not to be trusted)."""
         p = np.asarray(probs, np.float64).ravel()
         if self._bins is None:
             from agecam.models.reference import CYDRAL_BINS_YEARS  # bins of the default model
@@ -64,7 +66,7 @@ class AgeSmoother:
             return  # a zero-weight or empty sample carries no information
         p = p / total
         mean = float(p @ self._bins)
-        var = max(self.min_var, float(p @ (self._bins - mean) ** 2))
+        var = max(self.min_var, min_std_years ** 2, float(p @ (self._bins - mean) ** 2))
         self.samples.append(_Sample(mean, var, float(weight), float(ts)))
         self._dirty = True
 
