@@ -160,12 +160,13 @@ def test_sigterm_stops_within_five_seconds_in_every_state(models_dir, tmp_path, 
 
 
 def test_recordings_rotate_and_a_killed_daemon_leaves_a_playable_segment(models_dir, tmp_path):
-    # given the demo daemon recording in 3 s segments, keeping at most 0.8 MB of them
+    # given the demo daemon recording in 3 s segments, keeping at most 3 MB of them (MJPEG: ~1 MB a segment, so
+    # FFmpeg flushes a segment's data several times before it rotates; the container is what must survive a kill)
     rec = tmp_path / "rec"
     d = Daemon(tmp_path, {"cameras": [{"name": "lobby", "source": "demo", "loop": True}],
                           "events": {"bind": f"tcp://127.0.0.1:{free_port()}"}, "metrics": {"bind": None},
                           "preview": {"bind": None, "record_path": str(rec), "record_segment_s": 3,
-                                      "record_max_gb": 0.0008},
+                                      "record_max_gb": 0.003, "record_codec": "mjpg"},
                           "runtime": {"models_dir": str(models_dir)}})
     try:
         d.wait_ready()
@@ -174,13 +175,13 @@ def test_recordings_rotate_and_a_killed_daemon_leaves_a_playable_segment(models_
         time.sleep(6)
         segs = sorted((rec / "lobby").glob("*.mkv"))
         total = sum(s.stat().st_size for s in segs)
-        assert total <= 0.0008e9 + max(s.stat().st_size for s in segs), f"{total} bytes kept in {len(segs)} segments"
+        assert total <= 0.003e9 + max(s.stat().st_size for s in segs), f"{total} bytes kept in {len(segs)} segments"
         # when the daemon is killed (no chance to close its writer) in the middle of a segment that holds data
         def writing():
             newest = sorted((rec / "lobby").glob("*.mkv"))[-1]
-            return newest if newest.stat().st_size > 64 * 1024 else None
+            return newest if newest.stat().st_size > 32 * 1024 else None  # past FFmpeg's first flush
 
-        killed_in = wait_for(writing, 30, "a segment being written with data in it")
+        killed_in = wait_for(writing, 120, "a segment being written with data in it", every_s=0.05)
         d.proc.send_signal(signal.SIGKILL)
         d.proc.wait(10)
     finally:
