@@ -26,7 +26,7 @@ class CameraConfig(_Section):
     """One frame source and how to read it."""
 
     name: str = Field(
-        description="Short unique name; used in event topics, metric labels and preview URLs.",
+        description="Short unique name; used in event topics, metric labels, preview URLs and recording folders.",
         pattern=r"^[A-Za-z0-9_.-]{1,64}$",
     )
     source: StrictInt | StrictStr = Field(
@@ -49,6 +49,13 @@ class CameraConfig(_Section):
     demo_duration_s: float | None = Field(
         None, gt=0, le=86400, description="Length of the demo scene; it ends the camera afterwards unless loop is true. None: endless."
     )
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, v: str) -> str:
+        if set(v) == {"."}:
+            raise ValueError("must not be only dots: the name is also a folder name (recordings)")
+        return v
 
     @field_validator("source")
     @classmethod
@@ -192,6 +199,10 @@ class _HttpSurface(_Section):
 
     bind: str | None = Field(None, description="HOST:PORT to listen on; null disables it.")
     token: str | None = Field(None, description="Required from every client when set; mandatory off loopback.")
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="Extra Host header names to serve (this machine's DNS name, a reverse "
+        "proxy's name). Loopback names, IP addresses and the bind host are always allowed; any other name is "
+        "refused (DNS rebinding).")
 
     _v = field_validator("bind")(classmethod(lambda cls, v: check_host_port(v)))
     _t = field_validator("token")(classmethod(lambda cls, v: check_token(v)))
@@ -220,9 +231,6 @@ class PreviewConfig(_HttpSurface):
     token: str | None = Field(
         None, description="Required as ?token= or Authorization: Bearer when set; mandatory when bind is not loopback. "
         "Use ${env:NAME} or ${cred:NAME} to keep it out of this file.")
-    allowed_hosts: list[str] = Field(
-        default_factory=list, description="Extra Host header names to serve (a reverse proxy's name). Loopback names, "
-        "IP addresses and the bind host are always allowed; any other name is refused (DNS rebinding).")
     max_fps: float = Field(10.0, gt=0, le=60, description="Cap on MJPEG frames per second per viewer; lower saves CPU.")
     jpeg_quality: int = Field(80, ge=10, le=100, description="JPEG quality of preview frames.")
     max_connections: int = Field(32, ge=1, le=1024, description="Open connections served at once; more get 503.")
@@ -365,9 +373,11 @@ def load(path: str | Path) -> Config:
     """Read and validate a YAML config file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(str(path), [f"cannot read file: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), [f"not UTF-8 text (byte {exc.start}): a YAML config must be UTF-8"]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

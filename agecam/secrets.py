@@ -52,9 +52,11 @@ def _resolve_one(kind: str, name: str, environ, credentials_dir: str | None) -> 
                              f"use LoadCredential={name}:FILE in the unit)")
     path = Path(credentials_dir) / name
     try:
-        return path.read_text().rstrip("\r\n")
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
     except OSError as exc:
         raise SecretRefError(f"credential {name} cannot be read from $CREDENTIALS_DIRECTORY: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise SecretRefError(f"credential {name} is not UTF-8 text") from None
 
 
 def resolve_refs(data, environ=None, path: str = "") -> tuple[object, list[str], list[str]]:

@@ -176,3 +176,11 @@ def test_unresolvable_secret_references_name_the_reference(tmp_path, monkeypatch
 ])
 def test_scrubbing_removes_whole_userinfo_and_credential_query_values(url, expected):
     assert secret_free(url) == expected
+
+
+def test_a_config_that_is_not_utf8_is_refused_not_crashed(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_bytes(b"cameras:\n  - name: a\n    source: demo\n# caf\xe9\n")
+    with pytest.raises(ConfigError) as exc:
+        load(f)
+    assert "not UTF-8" in exc.value.errors[0], exc.value.errors

@@ -41,10 +41,12 @@ def test_max_wait_zero_ages_the_first_poor_crop_at_once():
     assert _run(QualityGate(0.15, 0.0), [(0.0, 0.05)]) == [(0.05, 0.0)]
 
 
-@pytest.mark.parametrize("offered, too_small, no_landmarks, reason", [
-    (0, 5, 0, "too_small"), (0, 0, 3, "no_chip"), (0, 2, 3, "no_chip"), (0, 0, 0, "too_short"), (4, 2, 0, "too_short"),
+@pytest.mark.parametrize("offered, best_quality, too_small, no_landmarks, reason", [
+    (0, 0.0, 5, 0, "too_small"), (0, 0.0, 0, 3, "no_chip"), (0, 0.0, 2, 3, "no_chip"), (0, 0.0, 0, 0, "too_short"),
+    (4, 0.3, 2, 0, "too_short"),  # it had crops: it ended before an age came back
+    (4, 0.0, 0, 0, "no_chip"),  # every crop of quality 0 (a profile, upside down): never a usable chip
 ])
-def test_unaged_reason(offered, too_small, no_landmarks, reason):
+def test_unaged_reason(offered, best_quality, too_small, no_landmarks, reason):
     g = QualityGate(0.15, 1.0)
-    g.offered, g.too_small, g.no_landmarks = offered, too_small, no_landmarks
+    g.offered, g.best_quality, g.too_small, g.no_landmarks = offered, best_quality, too_small, no_landmarks
     assert g.unaged_reason() == reason

@@ -467,3 +467,23 @@ def test_a_stalled_viewer_is_dropped_and_does_not_delay_close(server_factory):
     finally:
         stop.set()
         s.close()
+
+
+def test_a_client_trickling_its_request_is_cut_off_after_the_header_deadline(server_factory):
+    # given a preview with a 1 s client timeout, and a client sending its request one byte every 0.3 s
+    srv, _, _ = server_factory(client_timeout_s=1.0)
+    request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"a" * 200 + b"\r\n\r\n"
+    t0 = time.monotonic()
+    closed_after = None
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+        for byte in request:
+            try:
+                s.sendall(bytes([byte]))
+            except OSError:
+                closed_after = time.monotonic() - t0
+                break
+            time.sleep(0.3)
+    # then it is cut off once its headers are late (about 1 s after it was served), not after 70 s of trickling
+    assert closed_after is not None and closed_after < 10, f"a trickling client was served for {time.monotonic() - t0:.0f} s"
+    wait_for(lambda: srv.open_connections == 0, 10, "the trickling connection to be gone")
+

@@ -89,7 +89,8 @@ class App:
         self.load_models()
         self._set_info(m)
         if cfg.metrics.bind:
-            self._servers.append(m.serve(cfg.metrics.bind, token=cfg.metrics.token))
+            self._servers.append(m.serve(cfg.metrics.bind, token=cfg.metrics.token,
+                                         allowed_hosts=cfg.metrics.allowed_hosts))
         self.age_service = AgeService(self._age_model, cfg.age.max_batch, self.stop_event, m)
         self.hub = None
         if cfg.preview.bind:
@@ -147,7 +148,9 @@ class App:
     # -- status ----------------------------------------------------------------------------------------------------
     def _on_status(self, camera: str, status: str, reason: str) -> None:
         """Called by capture threads on every online/offline/ended transition."""
-        reason = secret_free(reason)
+        from agecam.logs import scrub
+
+        reason = scrub(secret_free(reason))  # URL credentials, and every registered secret (${env:} / ${cred:} values)
         with self._lock:
             reconnected = self.cameras[camera].report(status, reason, time.time())
         self.metrics.camera_up(camera, status == "online", reconnected)
@@ -215,7 +218,9 @@ class App:
         if getattr(self, "hub", None) is not None:
             self.hub.close()  # wakes MJPEG streams waiting for a frame
         stuck = [w.name for w in [*self.captures.values(), *self.pipelines.values()] if not w.join(left())]
-        stuck += [r.name for r in self.recorders.values() if not r.close(left(1.0))]  # finish the segments
+        for r in self.recorders.values():  # all at once: each finishes its segment in parallel
+            r.signal_stop()
+        stuck += [r.name for r in self.recorders.values() if not r.join(left(1.0))]
         age_service = getattr(self, "age_service", None)
         if age_service is not None and not age_service.join(left()):
             stuck.append(age_service.name)

@@ -38,12 +38,14 @@ class QualityGate:
         self.window_start_s: float | None = None
         self.held: HeldCrop | None = None
         self.offered = 0  # usable crops seen (landmarks and size present)
+        self.best_quality = 0.0  # of every crop offered
         self.too_small = 0  # crops below the hard size floor
         self.no_landmarks = 0  # faces the detector gave no landmarks for (no chip can be cut)
 
     def offer(self, quality: float, now_s: float, make_chip: Callable[[], np.ndarray]):
         """Consider one usable crop; (chip, weight, ts, min_std_years) when something should be aged now."""
         self.offered += 1
+        self.best_quality = max(self.best_quality, quality)
         if self.window_start_s is None:
             self.window_start_s = now_s
         if quality >= self.min_quality:
@@ -60,6 +62,6 @@ class QualityGate:
         """Why a track that ended without any age got none (one of UNAGED_REASONS)."""
         if self.offered == 0 and self.too_small and self.too_small >= self.no_landmarks:
             return "too_small"
-        if self.offered == 0 and self.no_landmarks:
-            return "no_chip"
+        if (self.offered == 0 and self.no_landmarks) or (self.offered and self.best_quality <= 0.0):
+            return "no_chip"  # no landmarks, or only crops of quality 0 (profile, upside down): never a usable chip
         return "too_short"

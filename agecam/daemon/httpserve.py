@@ -64,10 +64,13 @@ class BoundedHTTPServer(ThreadingHTTPServer):
 
     An accepted connection waits in a selector, without a thread, until its request arrives (at most
     `max_pending` wait, each at most client_timeout_s); then one of at most `max_connections` handler threads
-    serves it, and every response closes the connection, so no thread idles in keep-alive.
+    serves it, and every response closes the connection, so no thread idles in keep-alive. A served client gets
+    client_timeout_s in all to send its request line and headers (a trickling client is cut off then, not after
+    client_timeout_s between bytes).
     """
 
     daemon_threads = True
+    block_on_close = False  # close() shuts every client socket itself; never wait on a handler thread
     allow_reuse_address = True
     request_queue_size = 512  # a burst of connections waits in the kernel, not refused
 
@@ -82,7 +85,8 @@ class BoundedHTTPServer(ThreadingHTTPServer):
         self.allowed_hosts = tuple(allowed_hosts)
         self.refused_busy = 0
         self.expired_idle = 0
-        self._active: set[socket.socket] = set()
+        self._active: dict[socket.socket, float] = {}  # served sockets -> when serving began
+        self._headers_read: set[socket.socket] = set()
         self._pending: dict[socket.socket, tuple[float, object]] = {}
         self._lock = threading.Lock()
         self._selector = selectors.DefaultSelector()
@@ -107,37 +111,58 @@ class BoundedHTTPServer(ThreadingHTTPServer):
         if full:
             self._refuse(request)
 
+    def headers_read(self, request) -> None:
+        """Called by a handler once its request line and headers are in: the header deadline no longer applies."""
+        with self._lock:
+            if request in self._active:
+                self._headers_read.add(request)
+
     def _wait_for_requests(self) -> None:
         while not self._stopping.is_set():
-            with self._lock:
-                empty = not self._pending
-            if empty:
-                self._stopping.wait(0.05)
-                continue
             try:
-                ready = [key.fileobj for key, _ in self._selector.select(timeout=0.1)]
-            except (OSError, ValueError):  # a socket closed under the selector
-                ready = []
+                self._wait_once()
+            except Exception:  # the waiter must outlive any surprise, or connections would wait forever
+                log.exception("HTTP connection waiter failed; continuing")
+                self._stopping.wait(0.1)
+
+    def _wait_once(self) -> None:
+        with self._lock:
+            empty = not self._pending
             now = time.monotonic()
-            with self._lock:
-                expired = [s for s, (t0, _) in self._pending.items() if now - t0 > self.client_timeout_s]
-                for sock in ready + expired:
-                    if sock in self._pending:
-                        self._selector.unregister(sock)
-                taken = [(sock, self._pending.pop(sock)[1]) for sock in ready if sock in self._pending]
-                for sock in expired:
-                    self._pending.pop(sock, None)
+            slow = [s for s, t0 in self._active.items()
+                    if s not in self._headers_read and now - t0 > self.client_timeout_s]
+        for sock in slow:  # request headers not complete in time: cut off (its handler then ends)
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if empty:
+            self._stopping.wait(0.05)
+            return
+        try:
+            ready = [key.fileobj for key, _ in self._selector.select(timeout=0.1)]
+        except (OSError, ValueError):  # a socket closed under the selector
+            ready = []
+        now = time.monotonic()
+        with self._lock:
+            expired = [s for s, (t0, _) in self._pending.items() if now - t0 > self.client_timeout_s]
+            for sock in ready + expired:
+                if sock in self._pending:
+                    self._selector.unregister(sock)
+            taken = [(sock, self._pending.pop(sock)[1]) for sock in ready if sock in self._pending]
             for sock in expired:
-                self.expired_idle += 1
-                super().shutdown_request(sock)
-            for sock, address in taken:
-                self._serve(sock, address)
+                self._pending.pop(sock, None)
+        for sock in expired:
+            self.expired_idle += 1
+            super().shutdown_request(sock)
+        for sock, address in taken:
+            self._serve(sock, address)
 
     def _serve(self, request, client_address) -> None:
         with self._lock:
-            busy = len(self._active) >= self.max_connections
+            busy = len(self._active) >= self.max_connections or self._stopping.is_set()
             if not busy:
-                self._active.add(request)
+                self._active[request] = time.monotonic()
         if busy:
             self._refuse(request)
             return
@@ -155,7 +180,8 @@ class BoundedHTTPServer(ThreadingHTTPServer):
 
     def shutdown_request(self, request) -> None:
         with self._lock:
-            self._active.discard(request)
+            self._active.pop(request, None)
+            self._headers_read.discard(request)
         super().shutdown_request(request)
 
     def close_clients(self) -> int:
@@ -202,6 +228,11 @@ class BaseHandler(BaseHTTPRequestHandler):
         self.timeout = self.server.client_timeout_s  # applied to the socket by StreamRequestHandler.setup
         super().setup()
 
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        self.server.headers_read(self.connection)
+        return ok
+
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
         pass  # access lines would carry ?token=
 
@@ -235,8 +266,8 @@ class BaseHandler(BaseHTTPRequestHandler):
         """Host allowed and token (when set) given; otherwise the refusal is sent (connection closed)."""
         srv = self.server
         if not host_allowed(self.headers.get("Host"), srv.bind_host, srv.allowed_hosts):
-            self.send_body(421, b"unknown host name; add it to preview.allowed_hosts\n", "text/plain; charset=utf-8",
-                           close=True)
+            self.send_body(421, b"unknown host name: add it to allowed_hosts (preview or metrics)\n",
+                           "text/plain; charset=utf-8")
             return False
         if srv.token and not hmac.compare_digest(self._given_token(query).encode(), srv.token.encode()):
             self.send_body(401, b"token required: ?token= or Authorization: Bearer\n", "text/plain; charset=utf-8",

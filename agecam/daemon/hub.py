@@ -113,6 +113,10 @@ class PreviewHub:
                 return None
         return self._encode(camera, slot, after_seq)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         """Wake every waiter; later waits return None at once."""
         with self._cond:

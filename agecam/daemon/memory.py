@@ -14,8 +14,13 @@ import logging
 
 log = logging.getLogger(__name__)
 
-M_ARENA_MAX = -8  # mallopt parameter (glibc malloc.h)
+M_ARENA_MAX = -8  # mallopt parameters (glibc malloc.h)
+M_MMAP_THRESHOLD = -3
 MALLOC_ARENAS = 2
+# Frames (640x480x3 = 900 kB) and decoder buffers are large: served by mmap they go back to the system when freed.
+# glibc raises its mmap threshold each time such a block is freed (up to 32 MB), after which frames come from the
+# heap and fragment it; a fixed threshold keeps them mmapped.
+MMAP_THRESHOLD_BYTES = 256 * 1024
 
 
 def _libc():
@@ -32,9 +37,9 @@ def _libc():
 
 
 def limit_arenas(n: int = MALLOC_ARENAS) -> bool:
-    """Cap glibc's malloc arenas (call before starting threads); False where unsupported."""
+    """Cap glibc's malloc arenas and fix its mmap threshold (call before starting threads); False where unsupported."""
     libc = _libc()
-    return bool(libc and libc.mallopt(M_ARENA_MAX, n) == 1)
+    return bool(libc and libc.mallopt(M_ARENA_MAX, n) == 1 and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1)
 
 
 def trim() -> bool:

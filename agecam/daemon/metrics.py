@@ -232,18 +232,22 @@ class Metrics(NullMetrics):
                          "providers": ",".join(providers)})
 
     def serve(self, bind: str, token: str | None = None, max_connections: int = 8,
-              client_timeout_s: float = 10.0) -> "MetricsServer":
+              client_timeout_s: float = 10.0, allowed_hosts: Sequence[str] = ()) -> "MetricsServer":
         """Serve /metrics on HOST:PORT (port 0 picks a free one) in a named daemon thread, bounded like the preview."""
         host, port = split_host_port(bind)
         return MetricsServer(self.registry, host, port, token=token, max_connections=max_connections,
-                             client_timeout_s=client_timeout_s)
+                             client_timeout_s=client_timeout_s, allowed_hosts=allowed_hosts)
 
 
 class _MetricsHandler(BaseHandler):
     server: "_MetricsHTTPServer"
 
     def do_GET(self) -> None:
-        path, query = self.parsed()
+        try:
+            path, query = self.parsed()
+        except ValueError:
+            self.send_body(400, b"bad request\n", "text/plain; charset=utf-8")
+            return
         if not self.admitted(query):
             return
         if path != "/metrics":
@@ -264,9 +268,10 @@ class MetricsServer:
     """
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int, *, token: str | None = None,
-                 max_connections: int = 8, client_timeout_s: float = 10.0):
+                 max_connections: int = 8, client_timeout_s: float = 10.0, allowed_hosts: Sequence[str] = ()):
         self._httpd = _MetricsHTTPServer(host, port, _MetricsHandler, max_connections=max_connections,
-                                         client_timeout_s=client_timeout_s, token=token, name="metrics")
+                                         client_timeout_s=client_timeout_s, token=token, name="metrics",
+                                         allowed_hosts=allowed_hosts)
         self._httpd.registry = registry
         self.host = host
         self.port = int(self._httpd.server_address[1])

@@ -29,8 +29,9 @@ class _Handler(BaseHandler):
 
     def do_GET(self) -> None:
         owner = self.server.owner
-        path, query = self.parsed()
+        path = "?"
         try:
+            path, query = self.parsed()
             if not self.admitted(query):
                 return
             if path in ("/", "/index.html"):
@@ -56,6 +57,8 @@ class _Handler(BaseHandler):
                 self.send_body(404, b"not found\n", TEXT)
         except (ConnectionError, TimeoutError, socket.timeout):
             self.close_connection = True  # the viewer went away or stopped reading
+        except ValueError:  # an unparsable path
+            self.send_body(400, b"bad request\n", TEXT)
         except Exception:
             log.exception("preview request %s %s failed", self.command, path)
             self.close_connection = True
@@ -94,6 +97,8 @@ class _Handler(BaseHandler):
                 t0 = time.monotonic()
                 got = hub.wait_jpeg(camera, seq, timeout_s=0.5)
                 if got is None:
+                    if hub.closed:  # the App is stopping: end the stream now, not when the server closes
+                        break
                     continue
                 seq, jpg = got
                 # a viewer that stops reading fills its socket buffer: this write then times out (client_timeout_s)

@@ -22,7 +22,8 @@ def _client_keys(folder: Path) -> frozenset[tuple[str, bytes]]:
 
 
 HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS = 5000, 15000  # a peer silent for 15 s is disconnected
-MAX_INBOUND_BYTES = 4096  # MAXMSGSIZE: a peer sending more is disconnected (PUB receives only subscriptions)
+MAX_INBOUND_BYTES = 4096
+LOOP_WAIT_S = 0.2  # the publish loop checks its stop event this often  # MAXMSGSIZE: a peer sending more is disconnected (PUB receives only subscriptions)
 
 
 class Publisher(Worker):
@@ -63,6 +64,8 @@ class Publisher(Worker):
                     time.sleep(0.1)
                     continue
                 self._sock.close(0)
+                if self._auth is not None:  # the ZAP handler holds the context's one ZAP endpoint: free it
+                    self._auth.stop()
                 raise RuntimeError(f"events.bind {cfg.bind}: cannot bind ({exc})") from None
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.dropped = 0
@@ -83,8 +86,13 @@ class Publisher(Worker):
             self._sock.close(0)
             raise
         self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger("agecam.daemon.zap"))
-        self._auth.start()
-        self._auth.configure_curve(domain="*", location=str(clients))
+        try:
+            self._auth.start()
+            self._auth.configure_curve(domain="*", location=str(clients))
+        except Exception:
+            self._auth.stop()
+            self._sock.close(0)
+            raise
         self._clients_seen = _client_keys(clients)
         log.info("events: CURVE on, %d authorised subscriber key(s) in %s", len(self._clients_seen), clients)
         self._sock.curve_secretkey = secret
@@ -116,7 +124,7 @@ class Publisher(Worker):
         while not self._stop.is_set():
             self.heartbeat_s = time.monotonic()
             try:
-                event = self._queue.get(timeout=0.2)
+                event = self._queue.get(timeout=LOOP_WAIT_S)
             except queue.Empty:
                 continue
             self._send(event)
@@ -128,17 +136,21 @@ class Publisher(Worker):
             return True
         clients = Path(self.cfg.curve.authorized_clients)
         now = _client_keys(clients) if clients.is_dir() else frozenset()
-        if not now >= self._clients_seen:
-            return False
-        self._auth.configure_curve(domain="*", location=str(clients))
+        self._auth.configure_curve(domain="*", location=str(clients))  # new connections: the new list, always
+        revoked = not now >= self._clients_seen
         self._clients_seen = now
-        return True
+        if revoked:
+            log.info("events: a subscriber key was revoked; its open connection ends with this socket")
+        return not revoked
 
     def close(self, timeout_s: float, linger_s: float = 2.0) -> bool:
         """Stop the thread, send what is still queued, close the socket (waiting at most linger_s for slow
         subscribers to take it); True when the thread stopped in time."""
         self._stop.set()
-        stopped = self.join(timeout_s)
+        stopped = self.join(max(timeout_s, LOOP_WAIT_S * 2))  # its loop notices within LOOP_WAIT_S
+        if not stopped:  # a ZeroMQ socket is not thread-safe: never drain or close it beside its own thread
+            log.error("the publish thread did not stop; its socket is left to the process exit")
+            return False
         self.drain_and_close(linger_s)
         return stopped
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,13 +85,14 @@ class Recorder(Worker):
         self.metrics = metrics
         self.frames = 0
         self.segments = 0
-        self._queue: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=QUEUE_FRAMES)
+        self._queue: queue.Queue[np.ndarray] = queue.Queue(maxsize=QUEUE_FRAMES)
         self._writer: cv2.VideoWriter | None = None
         self._path: Path | None = None
         self._size: tuple[int, int] | None = None
         self._opened_s = 0.0
         self._paused_until = 0.0
         self._codec: str | None = None
+        self._stop = threading.Event()
 
     # -- the pipeline's side --------------------------------------------------------------------------------------
     def write(self, image_bgr: np.ndarray) -> bool:
@@ -103,27 +105,24 @@ class Recorder(Worker):
         except queue.Full:
             return False
 
+    def signal_stop(self) -> None:
+        """Ask the thread to finish its segment and end (returns at once; join() waits)."""
+        self._stop.set()
+
     def close(self, timeout_s: float = 2.0) -> bool:
         """Finish the current segment and end the thread; True when it ended in time."""
-        if self.thread.ident is None:
-            return True
-        try:
-            self._queue.put(None, timeout=timeout_s)
-        except queue.Full:
-            pass
+        self.signal_stop()
         return self.join(timeout_s)
 
     # -- the thread -----------------------------------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            while True:
+            while not self._stop.is_set():
                 self.heartbeat_s = time.monotonic()
                 try:
-                    image = self._queue.get(timeout=1.0)
+                    image = self._queue.get(timeout=0.2)
                 except queue.Empty:
                     continue
-                if image is None:
-                    return
                 if time.monotonic() < self._paused_until:
                     continue
                 try:
@@ -131,7 +130,21 @@ class Recorder(Worker):
                 except Exception as exc:  # a disk or codec failure stops recording, never the camera
                     self._fail(f"{type(exc).__name__}: {exc}")
         finally:
+            self._drain()
             self._finish_segment()
+
+    def _drain(self) -> None:
+        """Write what is still queued (at most QUEUE_FRAMES frames) before the segment is finished."""
+        while time.monotonic() >= self._paused_until:
+            try:
+                image = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self._write(image)
+            except Exception as exc:
+                self._fail(f"{type(exc).__name__}: {exc}")
+                return
 
     def _write(self, image: np.ndarray) -> None:
         now = time.time()
@@ -148,8 +161,8 @@ class Recorder(Worker):
 
     def _open_segment(self, image: np.ndarray, now: float) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._check_disk()
         apply_retention(self.folder, self.settings.keep_hours * 3600, self.settings.max_gb * 1e9, now)
+        self._check_disk()  # after retention: old segments going may be what frees the disk
         h, w = image.shape[:2]
         self._size = (w, h)
         path = self.folder / segment_name(now)

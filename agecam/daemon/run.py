@@ -64,7 +64,8 @@ def run_command(args) -> int:
         return exits.USAGE if _is_refused_input(exc) else exits.FAILURE
     print(_describe(cfg, app), flush=True)
     pinging = threading.Event()  # the pinger's own stop: it ends before STOPPING=1, whatever ends the run
-    pinger = WatchdogPinger(notifier, lambda: app.healthy(), pinging)
+    reloading = threading.Event()  # while set, the App being replaced is not judged (its threads are stopping)
+    pinger = WatchdogPinger(notifier, lambda: (True, "") if reloading.is_set() else app.healthy(), pinging)
     pinger.start()
     notifier.ready()
 
@@ -84,7 +85,11 @@ def run_command(args) -> int:
             last_status = line
         if reload_requested.is_set():
             reload_requested.clear()
-            reloaded = _reload(app, args.config, notifier, terminate)
+            reloading.set()
+            try:
+                reloaded = _reload(app, args.config, notifier, terminate)
+            finally:
+                reloading.clear()
             memory.trim()  # what the old App's threads freed goes back to the system
             if reloaded is None:
                 log.error("no config could be restarted after a failed reload; exiting so the service manager restarts us")
@@ -140,12 +145,20 @@ def _reload(app: App, path: Path, notifier, terminate: threading.Event | None = 
     except ConfigError as exc:
         log.error("reload refused, keeping the running config: %s", "; ".join(exc.errors))
         return app
+    except Exception as exc:  # whatever a reload meets, the running daemon keeps running
+        log.exception("reload refused, keeping the running config: %s", exc)
+        return app
     notifier.reloading()
     log.info("reloading config from %s", path)
     for secret in new_cfg.secrets():
         add_secret(secret)
     reuse = {}  # unchanged models keep their sessions: no reload latency, and no native memory left behind per reload
-    keep_publisher = new_cfg.events == app.cfg.events and app.publisher is not None and app.publisher.keeps_clients()
+    try:
+        keep_publisher = (new_cfg.events == app.cfg.events and app.publisher is not None
+                          and app.publisher.keeps_clients())
+    except Exception as exc:  # an unreadable allow-list: a new publisher reads it again, or refuses with the reason
+        log.warning("events: cannot re-read the CURVE allow-list (%s); the publisher is rebuilt", exc)
+        keep_publisher = False
     if keep_publisher:
         reuse["publisher"] = app.publisher  # subscribers stay connected: nothing is lost across the reload
     if _detector_key(new_cfg) == _detector_key(app.cfg):

@@ -229,6 +229,8 @@ def _check_reachable(url: str, timeout_s: float) -> None:
         raise SourceError(f"bad port in {secret_free(url)}") from None
     try:
         socket.create_connection((host, port), timeout=timeout_s).close()
+    except socket.gaierror as exc:  # a name that does not resolve: the normal backoff, not the fast probe
+        raise SourceError(f"cannot resolve {host}: {exc.strerror or exc}") from None
     except OSError as exc:
         why = exc.strerror or type(exc).__name__  # socket.timeout has no strerror
         raise SourceUnreachable(f"cannot connect to {host}:{port}: {why}") from None

@@ -89,7 +89,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
 def _materialise(obj, storages: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if not isinstance(obj, dict):
         raise StateDictError(f"expected a dict of tensors, found {type(obj).__name__}")
-    out = {}
+    out, total = {}, 0
     for name, ref in obj.items():
         if not isinstance(ref, _TensorRef):
             raise StateDictError(f"entry {name!r} is not a tensor")
@@ -97,6 +97,9 @@ def _materialise(obj, storages: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if buf is None:
             raise StateDictError(f"entry {name!r} refers to missing storage {ref.storage.key}")
         _check_view(str(name), ref, buf.size)
+        total += int(np.prod(ref.size, dtype=np.int64)) if ref.size else 1
+        if total > MAX_TENSOR_ELEMENTS:
+            raise StateDictError(f"the tensors hold more than {MAX_TENSOR_ELEMENTS} elements in all")
         item = buf.itemsize
         arr = np.lib.stride_tricks.as_strided(
             buf[ref.offset:], shape=ref.size, strides=tuple(s * item for s in ref.stride)
@@ -112,9 +115,9 @@ def _check_view(name: str, ref: _TensorRef, storage_numel: int) -> None:
         raise StateDictError(f"entry {name!r}: size, stride and offset must be integers")
     if len(size) != len(stride) or len(size) > MAX_TENSOR_DIMS:
         raise StateDictError(f"entry {name!r}: {len(size)} sizes and {len(stride)} strides (at most {MAX_TENSOR_DIMS})")
-    if offset < 0 or any(s < 0 for s in size) or any(st < 0 for st in stride):
-        raise StateDictError(f"entry {name!r}: negative offset, size or stride (offset {offset}, size {size}, "
-                             f"stride {stride})")
+    if offset < 0 or any(s < 0 for s in size) or any(st < 0 or (st == 0 and s > 1) for s, st in zip(size, stride)):
+        raise StateDictError(f"entry {name!r}: negative offset, size or stride, or a repeating (0) stride "
+                             f"(offset {offset}, size {size}, stride {stride})")
     numel = 1
     for s in size:
         numel *= s
@@ -167,18 +170,24 @@ def _load_zip(data: bytes) -> dict[str, np.ndarray]:
         storages = {}
         for v in obj.values() if isinstance(obj, dict) else ():
             if isinstance(v, _TensorRef) and v.storage.key not in storages:
-                raw = z.read(f"{prefix}data/{v.storage.key}")
+                member = f"{prefix}data/{v.storage.key}"
+                if z.getinfo(member).file_size > MAX_TENSOR_ELEMENTS * 8:
+                    raise StateDictError(f"storage {v.storage.key} is larger than any allowed tensor")
+                raw = z.read(member)
                 storages[v.storage.key] = np.frombuffer(raw, dtype=np.dtype(v.storage.dtype).newbyteorder("<"))
         return _materialise(obj, storages)
 
 
 def load_state_dict(data: bytes) -> dict[str, np.ndarray]:
     """Read a torch-saved state dict (zip or legacy format) into numpy arrays, without torch."""
-    if data[:4] == b"PK\x03\x04":
-        return _load_zip(data)
     try:
+        if data[:4] == b"PK\x03\x04":
+            return _load_zip(data)
         return _load_legacy(data)
-    except (pickle.UnpicklingError, EOFError, struct.error) as exc:
+    except (pickle.UnpicklingError, EOFError, struct.error, zipfile.BadZipFile, KeyError, OverflowError,
+            ValueError) as exc:
+        if isinstance(exc, StateDictError):
+            raise
         raise StateDictError(f"not a readable torch state dict ({type(exc).__name__}: {exc})") from None
 
 
