@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 TORCH   := torch==2.14.1 torchvision==0.29.1
 APT_PKGS := gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
             gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-tools python3-gi ffmpeg \
-            prometheus chromium chromium-driver systemd libseccomp2
+            prometheus chromium chromium-driver systemd libseccomp2 mosquitto mosquitto-clients redis-server redis-tools
 PYTEST_ARGS ?=
 
 .PHONY: run test test-fast setup setup-test models system-deps bench clean

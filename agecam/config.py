@@ -12,6 +12,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, Str
 
 from agecam.netcheck import check_host_port, check_token, is_loopback_host
 from agecam.secrets import resolve_refs, secret_free, url_secrets
+from agecam.sinkconfig import NAME_PATTERN, SinkConfig, check_sink_names, default_instance
 
 DEFAULT_MODELS_DIR = Path(os.environ.get("AGECAM_MODELS_DIR", Path.home() / ".cache" / "agecam" / "models"))
 
@@ -81,28 +82,18 @@ class CameraConfig(_Section):
 class DetectorConfig(_Section):
     """Face detector choice and its cadence."""
 
-    kind: Literal["mtcnn", "scrfd"] = Field(
-        "mtcnn", description="mtcnn: the fetched offline default. scrfd: an insightface SCRFD ONNX you bring (set model)."
-    )
-    model: Path | None = Field(
-        None, description="Detector ONNX file (required for scrfd); None uses the fetched MTCNN models."
-    )
-    min_face_px: int = Field(
-        40, ge=12, le=1024, description="Smallest face side searched for; smaller finds distant faces but costs more CPU."
-    )
-    score_threshold: float = Field(
-        0.7, ge=0.0, le=1.0, description="Minimum detection score; lower finds more faces and more false positives."
-    )
+    kind: Literal["mtcnn", "scrfd"] = Field("mtcnn", description="mtcnn: the fetched offline default. scrfd: an "
+                                            "insightface SCRFD ONNX you bring (set model).")
+    model: Path | None = Field(None, description="Detector ONNX file (required for scrfd); None uses the fetched MTCNN models.")
+    min_face_px: int = Field(40, ge=12, le=1024, description="Smallest face side searched for; smaller finds distant "
+                             "faces but costs more CPU.")
+    score_threshold: float = Field(0.7, ge=0.0, le=1.0, description="Minimum detection score; lower finds more faces "
+                                   "and more false positives.")
     full_frame_interval_s: float = Field(
-        0.5,
-        ge=0.0,
-        le=60.0,
-        description="A full-frame search at most this often; between them only regions around live tracks are searched. "
-        "0 searches every frame in full (most CPU, fastest discovery of new faces).",
-    )
-    input_max_px: int = Field(
-        640, ge=64, le=4096, description="Frames are downscaled so their long side is at most this before detection."
-    )
+        0.5, ge=0.0, le=60.0, description="A full-frame search at most this often; between them only regions around "
+        "live tracks are searched. 0 searches every frame in full (most CPU, fastest discovery of new faces).")
+    input_max_px: int = Field(640, ge=64, le=4096, description="Frames are downscaled so their long side is at most "
+                              "this before detection.")
 
 
 class TrackerConfig(_Section):
@@ -199,10 +190,9 @@ class _HttpSurface(_Section):
 
     bind: str | None = Field(None, description="HOST:PORT to listen on; null disables it.")
     token: str | None = Field(None, description="Required from every client when set; mandatory off loopback.")
-    allowed_hosts: list[str] = Field(
-        default_factory=list, description="Extra Host header names to serve (this machine's DNS name, a reverse "
-        "proxy's name). Loopback names, IP addresses and the bind host are always allowed; any other name is "
-        "refused (DNS rebinding).")
+    allowed_hosts: list[str] = Field(default_factory=list, description="Extra Host header names to serve (this "
+                                     "machine's DNS name, a proxy's name). Loopback names, IP addresses and the bind "
+                                     "host are always allowed; any other name is refused (DNS rebinding).")
 
     _v = field_validator("bind")(classmethod(lambda cls, v: check_host_port(v)))
     _t = field_validator("token")(classmethod(lambda cls, v: check_token(v)))
@@ -251,8 +241,10 @@ class PreviewConfig(_HttpSurface):
 
 
 class RuntimeConfig(_Section):
-    """Process-wide settings: model cache, inference providers, logging."""
+    """Process-wide settings: this daemon's name, model cache, inference providers, logging."""
 
+    instance: str = Field(default_factory=default_instance, pattern=NAME_PATTERN, description="Names this daemon in "
+                          "every event and MQTT topic, so many hosts' cameras stay apart; default: the host name.")
     models_dir: Path = Field(DEFAULT_MODELS_DIR, description="Where `agecam models fetch` puts the default models.")
     providers: list[Literal["CUDAExecutionProvider", "CPUExecutionProvider", "TensorrtExecutionProvider"]] = Field(
         default_factory=lambda: ["CPUExecutionProvider"],
@@ -271,7 +263,7 @@ class Config(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    cameras: list[CameraConfig] = Field(min_length=1, max_length=256, description="Frame sources; at least one enabled.")
+    cameras: list[CameraConfig] = Field(min_length=1, max_length=256, description="Frame sources; one or more enabled.")
     detector: DetectorConfig = Field(default_factory=DetectorConfig)
     tracker: TrackerConfig = Field(default_factory=TrackerConfig)
     age: AgeConfig = Field(default_factory=AgeConfig)
@@ -279,6 +271,8 @@ class Config(BaseModel):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     preview: PreviewConfig = Field(default_factory=PreviewConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    sinks: list[SinkConfig] = Field(default_factory=list, max_length=16, description="Brokers that also receive "
+                                    "every event (kind: mqtt or redis), each behind its own bounded backlog.")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
@@ -293,7 +287,7 @@ class Config(BaseModel):
             raise ValueError("tracker.low_score: must not exceed tracker.high_score")
         if not any(cam.enabled for cam in self.cameras):
             raise ValueError("cameras: every camera is disabled; enable at least one (the daemon would idle and look healthy)")
-        return self
+        return check_sink_names(self.sinks) or self
 
     _secrets: list[str] = PrivateAttr(default_factory=list)
 
@@ -302,6 +296,8 @@ class Config(BaseModel):
         found = [t for t in (self.preview.token, self.metrics.token) if t]
         for cam in self.cameras:
             found += url_secrets(cam.source)
+        for sink in self.sinks:
+            found += url_secrets(sink.url) + ([sink.password] if sink.password else [])
         return sorted(set(found + self._secrets), key=len, reverse=True)
 
 
@@ -314,13 +310,15 @@ class ConfigError(Exception):
         super().__init__(f"{source}: " + "; ".join(errors))
 
     def report(self) -> str:
-        """Multi-line text for a terminal: the file, how many problems, one 'path: message' per line."""
+        """The file, how many problems, one 'path: message' per line."""
         return "\n".join([f"{self.source}: {len(self.errors)} error(s)"] + [f"  {e}" for e in self.errors])
 
 
 def _loc_to_path(loc: tuple) -> str:
     out = ""
-    for part in loc:
+    for i, part in enumerate(loc):
+        if i and isinstance(loc[i - 1], int) and part in ("mqtt", "redis"):
+            continue  # the tag pydantic adds inside a discriminated list item (sinks)
         if isinstance(part, int):
             out += f"[{part}]"
         elif part in ("int", "str") or "[" in str(part) or str(part).startswith("function-"):
@@ -334,6 +332,9 @@ def _format_error(err: dict) -> str:
     path = _loc_to_path(tuple(err["loc"]))
     if err["type"] == "extra_forbidden":
         return f"{path}: unknown field"
+    if err["type"] in ("union_tag_invalid", "union_tag_not_found"):  # a sink's kind
+        got = err.get("ctx", {}).get("tag")
+        return f"{path}.kind: must be one of 'mqtt', 'redis'" + (f" (got {secret_free(repr(got))})" if got else "")
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]

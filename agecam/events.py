@@ -29,10 +29,12 @@ class AgeEstimate:
 
 
 class EventFactory:
-    """Stamps events with the schema, this process's run_id and a seq that rises by one per message."""
+    """Stamps events with the schema, the daemon's instance name, this process's run_id and a seq that rises by one
+    per message (across reloads: the run keeps one factory; a reload may rename the instance)."""
 
-    def __init__(self, run_id: str | None = None):
+    def __init__(self, run_id: str | None = None, instance: str = "agecam"):
         self.run_id = run_id or str(uuid.uuid4())
+        self.instance = instance
         self._seq = itertools.count(1)
         self._lock = threading.Lock()
 
@@ -40,7 +42,7 @@ class EventFactory:
         with self._lock:
             seq = next(self._seq)
         return {"schema": SCHEMA_VERSION, "type": type_, "seq": seq, "run_id": self.run_id,
-                "camera": camera, "ts": round(ts, 3)}
+                "instance": self.instance, "camera": camera, "ts": round(ts, 3)}
 
     def track(self, type_: str, camera: str, ts: float, track_id: int, box_xyxy, det_score: float,
               age: AgeEstimate | None, first_seen: float, last_seen: float) -> dict:

@@ -1,4 +1,4 @@
-"""`agecam events`: subscribe to a daemon and print one JSON event per line."""
+"""`agecam events`: subscribe (ZeroMQ, MQTT or a Redis stream) and print one JSON event per line."""
 from __future__ import annotations
 
 import argparse
@@ -9,55 +9,62 @@ from agecam import exits
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("events", help="print events from a running daemon, one JSON object per line")
-    p.add_argument("--connect", default="tcp://127.0.0.1:5556", help="the daemon's events.bind address")
+    p = sub.add_parser("events", help="print events from a daemon's bus or a broker, one JSON object per line")
+    p.add_argument("--connect", default="tcp://127.0.0.1:5556",
+                   help="tcp://HOST:PORT (a daemon's events.bind), mqtt(s)://[USER:PASS@]HOST[:PORT] or "
+                   "redis(s)://[:PASS@]HOST[:PORT][/DB] (a sink's broker)")
     p.add_argument("--type", dest="prefixes", action="append", default=[],
-                   help="topic prefix to keep, e.g. 'track.' or 'track.end/lobby' (repeatable; default: all)")
+                   help="'<type>/<camera>' prefix to keep, e.g. 'track.' or 'track.end/lobby' (repeatable; default: all)")
+    p.add_argument("--instance", dest="instances", action="append", default=[],
+                   help="keep only this daemon instance (repeatable; default: all)")
     p.add_argument("--count", type=int, default=0, help="exit after this many events (0: run until interrupted)")
     p.add_argument("--timeout", type=float, default=0.0, help="exit after this many seconds without an event (0: never)")
     p.add_argument("--server-key", type=Path, default=None,
-                   help="the daemon's public certificate (NAME.key): subscribe with CURVE encryption")
+                   help="ZeroMQ: the daemon's public certificate (NAME.key): subscribe with CURVE encryption")
     p.add_argument("--client-key", type=Path, default=None,
-                   help="this subscriber's secret certificate (NAME.key_secret), whose public half the daemon allows")
+                   help="ZeroMQ: this subscriber's secret certificate (NAME.key_secret), whose public half the daemon allows")
+    p.add_argument("--topic-prefix", default="agecam", help="MQTT: the sink's topic_prefix")
+    p.add_argument("--stream", default="agecam:events", help="Redis: the sink's stream key")
+    p.add_argument("--group", default=None,
+                   help="Redis: read through this consumer group (acknowledged as printed; a restart resumes)")
+    p.add_argument("--consumer", default=None, help="Redis: consumer name in the group (default: the host name)")
     p.set_defaults(func=events_command)
 
 
 def events_command(args) -> int:
-    import zmq
+    from agecam.client import subscribe
+    from agecam.keys import CertificateError
+    from agecam.secrets import secret_free
 
-    from agecam.keys import CertificateError, load_public, load_secret
-
-    sock = zmq.Context.instance().socket(zmq.SUB)
-    if (args.server_key is None) != (args.client_key is None):
-        print("agecam events: --server-key and --client-key go together (CURVE needs both)", file=sys.stderr)
-        return exits.USAGE
-    if args.server_key is not None:
-        try:
-            sock.curve_serverkey = load_public(args.server_key, "--server-key")
-            sock.curve_publickey, sock.curve_secretkey = load_secret(args.client_key, "--client-key")
-        except (CertificateError, FileNotFoundError) as exc:
-            print(f"agecam events: {exc}", file=sys.stderr)
-            sock.close(0)
+    scheme = args.connect.split("://", 1)[0]
+    options: dict = {"types": args.prefixes, "instances": args.instances}
+    if scheme in ("tcp", "ipc", "inproc"):
+        if (args.server_key is None) != (args.client_key is None):
+            print("agecam events: --server-key and --client-key go together (CURVE needs both)", file=sys.stderr)
             return exits.USAGE
-    sock.connect(args.connect)
-    for prefix in args.prefixes or [""]:
-        sock.setsockopt_string(zmq.SUBSCRIBE, prefix)
-    poller = zmq.Poller()
-    poller.register(sock, zmq.POLLIN)
+        options.update(server_key=args.server_key, client_key=args.client_key)
+    elif scheme in ("mqtt", "mqtts"):
+        options.update(topic_prefix=args.topic_prefix)
+    elif scheme in ("redis", "rediss"):
+        options.update(stream=args.stream, group=args.group, consumer=args.consumer)
+    try:
+        sub = subscribe(args.connect, **options)
+    except (CertificateError, FileNotFoundError, ValueError) as exc:
+        print(f"agecam events: {secret_free(str(exc))}", file=sys.stderr)
+        return exits.USAGE
     seen = 0
     try:
         while not args.count or seen < args.count:
-            if not poller.poll(int(args.timeout * 1000) if args.timeout else None):
-                print(f"no event for {args.timeout:g} s from {args.connect}", file=sys.stderr)
+            try:
+                event = sub.next(args.timeout or None)
+            except TimeoutError:
+                print(f"no event for {args.timeout:g} s from {secret_free(args.connect)}", file=sys.stderr)
                 return exits.NO_EVENTS
-            _topic, payload = sock.recv_multipart()
-            sys.stdout.write(payload.decode() + "\n")
+            sys.stdout.write(event.to_json() + "\n")
             sys.stdout.flush()
             seen += 1
-    except KeyboardInterrupt:
-        pass
-    except BrokenPipeError:
+    except (KeyboardInterrupt, BrokenPipeError):
         pass
     finally:
-        sock.close(0)
+        sub.close()
     return exits.OK

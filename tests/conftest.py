@@ -182,3 +182,23 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line(f"agecam: {len(skipped)} test(s) skipped: {listed}", yellow=True, bold=True)
     else:
         terminalreporter.write_line("agecam: no test skipped", green=True)
+
+
+@pytest.fixture
+def mosquitto(tmp_path):
+    """A real mosquitto broker on a free loopback port (kill() and start() it to simulate an outage)."""
+    from tests.brokers import Mosquitto
+
+    broker = Mosquitto(tmp_path)
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server on a free loopback port, saving nothing."""
+    from tests.brokers import RedisServer
+
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()

@@ -39,6 +39,10 @@ REQUIRED_TOOLS = {
     "ffmpeg": "ffmpeg",
     "ffprobe": "ffmpeg",
     "gst-inspect-1.0": "gstreamer1.0-tools",
+    "mosquitto": "mosquitto",
+    "mosquitto_sub": "mosquitto-clients",
+    "redis-server": "redis-server",
+    "redis-cli": "redis-tools",
 }
 REQUIRED_LIBRARIES = {"seccomp": "libseccomp2"}
 # module -> what installs it
@@ -54,7 +58,7 @@ REQUIRED_MODULES = {
 
 def need_tool(name: str) -> str:
     """The path of a required command-line tool, or a test failure naming the Debian package that provides it."""
-    path = shutil.which(name)
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")  # mosquitto lives in sbin
     if path is None:
         pkg = REQUIRED_TOOLS.get(name, "?")
         pytest.fail(f"required tool {name!r} is missing: install the Debian package {pkg} (`make test` does)",

@@ -22,15 +22,17 @@ class App:
 
     def __init__(self, cfg: Config, *, detector=None, age_model=None, open_fn=None, notifier=None,
                  frame_tap=None, events=None, metrics=None, track_ids: dict[str, TrackIds] | None = None,
-                 publisher=None):
+                 publisher=None, sinks: dict | None = None):
         """events (the run's EventFactory: run_id and seq) and track_ids (per camera) outlive a reload: pass the
         previous App's to the next one, so seq keeps rising and no track ID is issued twice in a run. A publisher
-        passed in (an unchanged events section, handed over by the previous App) keeps its subscribers connected."""
+        passed in (an unchanged events section, handed over by the previous App) keeps its subscribers connected;
+        sinks passed in (by sink_key, unchanged sections) keep their connections and backlogs."""
         from agecam.events import EventFactory
 
         self.cfg = cfg
         self.stop_event = threading.Event()
         self.events = events or EventFactory()
+        self.events.instance = cfg.runtime.instance
         self.track_ids: dict[str, TrackIds] = track_ids if track_ids is not None else defaultdict(TrackIds)
         self._detector = detector
         self._age_model = age_model
@@ -40,6 +42,8 @@ class App:
         self.metrics = metrics
         self.publisher = publisher
         self._owns_publisher = True  # the App closes its publisher on stop, unless it handed it over
+        self.sinks: dict = dict(sinks or {})  # sink_key -> running Sink
+        self._owned_sinks: set[str] = set()  # the keys this App closes on stop (not handed over)
         self.cameras: dict[str, CameraState] = {c.name: CameraState() for c in cfg.cameras if c.enabled}
         self.pipelines = {}
         self.captures = {}
@@ -86,6 +90,7 @@ class App:
             self.publisher.start()
         else:
             self.publisher.metrics = m
+        self._start_sinks(m)
         self.load_models()
         self._set_info(m)
         if cfg.metrics.bind:
@@ -108,7 +113,7 @@ class App:
             self.ended[cam.name] = threading.Event()
             self.pipelines[cam.name] = CameraPipeline(
                 cam, cfg, slot=slot, detector=self._detector, age_model=self._age_model,
-                age_service=self.age_service, events=self.events, submit=self.publisher.submit,
+                age_service=self.age_service, events=self.events, submit=self.submit,
                 stop=self.stop_event, ended=self.ended[cam.name], metrics=m, hub=self.hub,
                 recorder=self._recorder(cam), frame_tap=self._frame_tap, track_ids=self.track_ids[cam.name])
             self.captures[cam.name] = CaptureThread(
@@ -124,6 +129,35 @@ class App:
         log.info("started: %d camera(s); events on %s%s%s", len(self.captures), self.publisher.endpoint,
                  f"; metrics on http://{cfg.metrics.bind}/metrics" if cfg.metrics.bind else "",
                  f"; preview on http://{cfg.preview.bind}/" if cfg.preview.bind else "")
+
+    def _start_sinks(self, m) -> None:
+        """Start the configured sinks (keeping those handed over by a reload); a broker that is down does not stop
+        the daemon: its sink retries in its own thread and /healthz shows it."""
+        from agecam.daemon.sinks import build_sink, sink_key
+
+        inherited, self.sinks = self.sinks, {}
+        m.add_sinks([c.label for c in self.cfg.sinks])
+        for c in self.cfg.sinks:
+            key = sink_key(c, self.cfg.runtime.instance)
+            sink = inherited.pop(key, None)
+            if sink is None:
+                sink = build_sink(c, self.cfg.runtime.instance, m)
+                sink.start()
+            sink.metrics = m
+            self.sinks[key] = sink
+            self._owned_sinks.add(key)
+        for sink in inherited.values():  # handed over but no longer configured
+            sink.close(1.0)
+
+    def submit(self, event: dict) -> None:
+        """Hand one event to the ZeroMQ publisher and every sink, never blocking (each has its own bounded queue)."""
+        self.publisher.submit(event)
+        if self.sinks:
+            import json
+
+            payload = json.dumps(event, separators=(",", ":")).encode()
+            for sink in self.sinks.values():
+                sink.submit(event, payload)
 
     def _recorder(self, cam):
         if not self.cfg.preview.record_path:
@@ -154,7 +188,7 @@ class App:
         with self._lock:
             reconnected = self.cameras[camera].report(status, reason, time.time())
         self.metrics.camera_up(camera, status == "online", reconnected)
-        self.publisher.submit(self.events.camera_status(camera, time.time(), status, reason))
+        self.submit(self.events.camera_status(camera, time.time(), status, reason))
         if status == "ended":
             self.ended[camera].set()
 
@@ -171,7 +205,7 @@ class App:
                 status="crashed" if snap is not None and snap.crashed else status, reason=reason, since_s=since_s,
                 reconnects=reconnects, fps=snap.fps if snap else 0.0, tracks=snap.tracks if snap else 0,
                 last_frame_age_s=now - snap.last_frame_ts if snap and snap.last_frame_ts else None)
-        return HealthReport(cams)
+        return HealthReport(cams, {s.label: s.snapshot() for s in self.sinks.values()})
 
     def healthy(self) -> tuple[bool, str]:
         """(True, "") while every live pipeline, the age service and the publisher make progress (drives WATCHDOG=1);
@@ -203,6 +237,12 @@ class App:
         self._owns_publisher = False
         return self.publisher
 
+    def hand_over_sinks(self, keys) -> dict:
+        """For a reload: these sinks now belong to the next App; stop() will not close them."""
+        kept = {k: self.sinks[k] for k in keys if k in self.sinks}
+        self._owned_sinks -= set(kept)
+        return kept
+
     # -- stop ------------------------------------------------------------------------------------------------------
     def stop(self, deadline_s: float = STOP_DEADLINE_S) -> list[str]:
         """Stop everything within one deadline, joining threads in reverse start order; returns the names of threads
@@ -224,10 +264,14 @@ class App:
         age_service = getattr(self, "age_service", None)
         if age_service is not None and not age_service.join(left()):
             stuck.append(age_service.name)
+        closing = [self.sinks[k] for k in self._owned_sinks if k in self.sinks]
+        for sink in closing:  # all at once: each delivers what waits (the track.end events) while connected
+            sink.signal_stop(left(1.5))
         if self.publisher is not None and self._owns_publisher:
             # sends the track.end events of the stopping pipelines; a stalled subscriber costs at most 1 s
             if not self.publisher.close(left(), linger_s=left(1.0)):
                 stuck.append(self.publisher.name)
+        stuck += [sink.name for sink in closing if not sink.join(left())]
         for s in reversed(self._servers):
             try:
                 s.close(left(2.0))

@@ -52,18 +52,22 @@ class CameraHealth:
 
 @dataclass(frozen=True)
 class HealthReport:
-    """The daemon's health: ok when every camera is online or ended normally (and there is at least one)."""
+    """The daemon's health: ok when every camera is online or ended normally (and there is at least one) and every
+    sink is connected. (A sink's broker being away never stops the watchdog: the daemon itself is fine.)"""
 
     cameras: dict[str, CameraHealth]
+    sinks: dict = field(default_factory=dict)  # name -> agecam.daemon.sinks.SinkHealth
 
     @property
     def ok(self) -> bool:
-        return bool(self.cameras) and all(c.ok for c in self.cameras.values())
+        return bool(self.cameras) and all(c.ok for c in self.cameras.values()) and all(
+            s.connected for s in self.sinks.values())
 
     def as_dict(self) -> dict:
-        """The /healthz body: {"status": "ok"|"degraded", "cameras": {name: {...}}}."""
+        """The /healthz body: {"status": "ok"|"degraded", "cameras": {name: {...}}, "sinks": {name: {...}}}."""
         return {"status": "ok" if self.ok else "degraded",
-                "cameras": {name: c.as_dict() for name, c in self.cameras.items()}}
+                "cameras": {name: c.as_dict() for name, c in self.cameras.items()},
+                "sinks": {name: s.as_dict() for name, s in self.sinks.items()}}
 
     def status_line(self, faces_aged: int) -> str:
         """One line for systemd's STATUS=."""

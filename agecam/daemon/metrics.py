@@ -22,6 +22,7 @@ STAGES = ("wait", "detect", "track", "chip", "age", "publish", "annotate", "enco
 DROP_STAGES = ("capture", "age", "preview", "record")
 EVENT_TYPES = ("track.start", "track.update", "track.end", "camera.status")
 DROP_REASONS = ("queue_full", "send_error")  # per-subscriber HWM drops are invisible to PUB: seq gaps show them
+SINK_DROP_REASONS = ("backlog_full", "rejected")  # oldest dropped from a full backlog; refused by the broker
 
 _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _EVENT_LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -72,6 +73,18 @@ class NullMetrics:
 
     def track_unaged(self, camera: str, reason: str) -> None:
         """A confirmed track ended without any age (reason one of UNAGED_REASONS)."""
+
+    def sink_sent(self, sink: str, n: int) -> None:
+        """n events reached a sink's broker (acknowledged, for MQTT QoS 1)."""
+
+    def sink_dropped(self, sink: str, reason: str, n: int = 1) -> None:
+        """n events a sink gave up (reason one of SINK_DROP_REASONS)."""
+
+    def sink_state(self, sink: str, connected: bool) -> None:
+        """A sink connected to its broker, or lost it."""
+
+    def sink_backlog(self, sink: str, length) -> None:
+        """Where to read how many events wait in a sink's backlog (length(), called at each scrape)."""
 
 
 def _dist_version(*names: str) -> str:
@@ -137,6 +150,15 @@ class Metrics(NullMetrics):
         self.record_errors_total = Counter(
             "agecam_record_errors_total", "Times recording stopped on an error (full disk, writer failure).",
             ["camera"], registry=r)
+        self.sink_events_sent_total = Counter(
+            "agecam_sink_events_sent_total", "Events delivered to a sink's broker.", ["sink"], registry=r)
+        self.sink_events_dropped_total = Counter(
+            "agecam_sink_events_dropped_total", "Events a sink gave up: backlog_full = the oldest, dropped while the "
+            "broker was away and the backlog full; rejected = refused by the broker.", ["sink", "reason"], registry=r)
+        self.sink_connected = Gauge(
+            "agecam_sink_connected", "1 while the sink is connected to its broker.", ["sink"], registry=r)
+        self.sink_backlog_events = Gauge(
+            "agecam_sink_backlog_events", "Events waiting in the sink's backlog.", ["sink"], registry=r)
         self.model = Info(
             "agecam_model", "Models in use (detector kind and model, age model name, version and sha256 prefix).",
             registry=r)
@@ -206,6 +228,29 @@ class Metrics(NullMetrics):
         if reason not in UNAGED_REASONS:
             raise KeyError(f"unaged reason {reason!r} is not one of {UNAGED_REASONS}")
         self.tracks_unaged_total.labels(camera=camera, reason=reason).inc()
+
+    def sink_sent(self, sink: str, n: int) -> None:
+        self.sink_events_sent_total.labels(sink=sink).inc(n)
+
+    def sink_dropped(self, sink: str, reason: str, n: int = 1) -> None:
+        if reason not in SINK_DROP_REASONS:
+            raise KeyError(f"sink drop reason {reason!r} is not one of {SINK_DROP_REASONS}")
+        self.sink_events_dropped_total.labels(sink=sink, reason=reason).inc(n)
+
+    def sink_state(self, sink: str, connected: bool) -> None:
+        self.sink_connected.labels(sink=sink).set(1 if connected else 0)
+
+    def sink_backlog(self, sink: str, length) -> None:
+        self.sink_backlog_events.labels(sink=sink).set_function(length)
+
+    def add_sinks(self, sinks: Iterable[str]) -> None:
+        """Create every per-sink series at zero (disconnected until the sink says otherwise)."""
+        for sink in sinks:
+            self.sink_events_sent_total.labels(sink=sink)
+            for reason in SINK_DROP_REASONS:
+                self.sink_events_dropped_total.labels(sink=sink, reason=reason)
+            self.sink_state(sink, False)
+            self.sink_backlog_events.labels(sink=sink)
 
     def add_cameras(self, cameras: Iterable[str]) -> None:
         """Create every per-camera series at zero so rates and absences are visible from the first scrape."""

@@ -28,6 +28,7 @@ def _describe(cfg: Config, app: App) -> str:
         lines.append(f"preview: http://{cfg.preview.bind}/")
     if cfg.metrics.bind:
         lines.append(f"metrics: http://{cfg.metrics.bind}/metrics")
+    lines += [f"sink {c.label}: {secret_free(c.url)}" for c in cfg.sinks]
     lines += [f"camera {c.name}: {secret_free(c.source)}" for c in cfg.cameras if c.enabled]
     return "\n".join(lines)
 
@@ -165,6 +166,10 @@ def _reload(app: App, path: Path, notifier, terminate: threading.Event | None = 
         reuse["detector"] = app._detector
     if _age_key(new_cfg) == _age_key(app.cfg):
         reuse["age_model"] = app._age_model
+    from agecam.daemon.sinks import sink_key
+
+    wanted = {sink_key(c, new_cfg.runtime.instance) for c in new_cfg.sinks}
+    reuse["sinks"] = {k: s for k, s in app.sinks.items() if k in wanted}  # connections and backlogs carry over
     try:
         candidate = App(new_cfg, notifier=notifier, events=app.events, track_ids=app.track_ids, **reuse)
         candidate.load_models()  # refuse broken model paths before touching the running daemon
@@ -177,15 +182,17 @@ def _reload(app: App, path: Path, notifier, terminate: threading.Event | None = 
         return app
     if keep_publisher:
         app.hand_over_publisher()
+    app.hand_over_sinks(reuse["sinks"])
     app.stop()
     try:
         candidate.start()
     except Exception as exc:
         log.error("reload failed to start (%s); restarting the previous config", exc)
         kept = candidate.hand_over_publisher() if keep_publisher else None
+        kept_sinks = candidate.hand_over_sinks(list(candidate.sinks))
         candidate.stop()
         candidate = App(app.cfg, notifier=notifier, events=app.events, track_ids=app.track_ids,
-                        detector=app._detector, age_model=app._age_model, publisher=kept)
+                        detector=app._detector, age_model=app._age_model, publisher=kept, sinks=kept_sinks)
         try:
             candidate.start()
         except Exception as exc2:

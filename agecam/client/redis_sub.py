@@ -1,0 +1,110 @@
+"""Events from the Redis stream agecam's redis sinks append to, optionally through a consumer group."""
+from __future__ import annotations
+
+import socket
+import time
+from collections import deque
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from agecam.client.base import Subscription, log
+
+BLOCK_SLICE_MS = 500
+READ_COUNT = 100
+
+
+class RedisSubscription(Subscription):
+    """Reads `stream`. Without a group: new entries from now (or from `start`, an entry id or '0' for all).
+
+    With `group` (created at `start`, default '0': the whole stream, when it does not exist yet): entries are
+    delivered to `consumer` (default: this host's name) and acknowledged when the next one is asked for, or by
+    ack() / close(). A consumer that restarts first gets back what it was handed but had not acknowledged
+    (at least once), then new entries: nothing acknowledged is repeated and nothing is lost.
+    """
+
+    def __init__(self, url: str, *, stream: str = "agecam:events", group: str | None = None,
+                 consumer: str | None = None, start: str | None = None, **kw):
+        super().__init__(**kw)
+        self.stream = stream
+        self.group = group
+        self.consumer = consumer or socket.gethostname()
+        self._r = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=BLOCK_SLICE_MS / 1000 + 3,
+                                       retry=Retry(NoBackoff(), 0))
+        self._buffer: deque = deque()
+        self._unacked: str | None = None  # the entry handed out last, acknowledged on the next call
+        self._pending_from: str | None = "0"  # first re-read what this consumer was handed before (after a crash)
+        self._last_id = start or "$"
+        self._group_start = start or "0"
+        self._group_ready = False
+        self._retry_at_s = 0.0
+        self.last_id: str | None = None  # the id of the entry handed out last
+
+    def _ensure_group(self) -> None:
+        if self.group is None or self._group_ready:
+            return
+        try:
+            self._r.xgroup_create(self.stream, self.group, id=self._group_start, mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    def ack(self) -> None:
+        """Acknowledge the entry handed out last (done for you on the next call and on close)."""
+        if self.group is not None and self._unacked is not None:
+            self._r.xack(self.stream, self.group, self._unacked)
+            self._unacked = None
+
+    def _read(self, block_ms: int) -> list:
+        if self.group is None:
+            resp = self._r.xread({self.stream: self._last_id}, count=READ_COUNT, block=block_ms)
+        elif self._pending_from is not None:
+            resp = self._r.xreadgroup(self.group, self.consumer, {self.stream: self._pending_from}, count=READ_COUNT)
+            entries = resp[0][1] if resp else []
+            if not entries:
+                self._pending_from = None
+                return []
+            self._pending_from = entries[-1][0]
+            return entries
+        else:
+            resp = self._r.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=READ_COUNT, block=block_ms)
+        entries = resp[0][1] if resp else []
+        if entries and self.group is None:
+            self._last_id = entries[-1][0]
+        return entries
+
+    def _receive(self, timeout_s: float | None) -> bytes | None:
+        block_ms = BLOCK_SLICE_MS if timeout_s is None else max(1, min(BLOCK_SLICE_MS, int(timeout_s * 1000)))
+        try:
+            self.ack()
+            if not self._buffer:
+                if time.monotonic() < self._retry_at_s:
+                    time.sleep(block_ms / 1000)
+                    return None
+                self._ensure_group()
+                self._buffer.extend(self._read(block_ms))
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("redis: %s; retrying", exc)
+            self._retry_at_s = time.monotonic() + 1.0
+            if self.group is not None:
+                self._pending_from = "0"  # whatever was read but not handed out is still pending: read it again
+                self._buffer.clear()
+            return None
+        if not self._buffer:
+            return None
+        entry_id, fields = self._buffer.popleft()
+        entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        self._unacked = entry_id
+        self.last_id = entry_id
+        return fields.get(b"event", fields.get("event", b""))
+
+    def close(self, ack_last: bool = True) -> None:
+        """End the subscription; the entry handed out last is acknowledged unless ack_last is False."""
+        try:
+            if ack_last:
+                self.ack()
+        except redis.RedisError:
+            pass
+        self._r.close()

@@ -1,0 +1,85 @@
+"""The Redis Streams sink: XADD <stream> MAXLEN ~ <maxlen> * event <json>, pipelined per batch (redis-py)."""
+from __future__ import annotations
+
+import logging
+import time
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from agecam.daemon.metrics import NullMetrics
+from agecam.daemon.sinks import Sink, SinkDown
+
+log = logging.getLogger(__name__)
+
+SOCKET_TIMEOUT_S = 3.0  # a broker that stops answering mid-batch is treated as gone (and the batch sent again)
+PING_EVERY_S = 5.0  # an idle sink checks its connection this often, so /healthz and the gauge stay true
+
+
+class RedisSink(Sink):
+    """Appends every event to one stream; Redis trims it to about `maxlen` entries (consumers read it with a
+    consumer group: see agecam.client)."""
+
+    kind = "redis"
+
+    def __init__(self, cfg, metrics: NullMetrics = NullMetrics()):
+        super().__init__(cfg, metrics)
+        self._redis: redis.Redis | None = None
+        self._last_ok_s = 0.0
+
+    def _connect(self) -> None:
+        # no hidden retries: the sink's own loop decides (redis-py's default retries a command three times)
+        kw = {"socket_connect_timeout": SOCKET_TIMEOUT_S, "socket_timeout": SOCKET_TIMEOUT_S,
+              "retry": Retry(NoBackoff(), 0)}
+        if self.cfg.username:
+            kw["username"] = self.cfg.username
+        if self.cfg.password:
+            kw["password"] = self.cfg.password
+        if self.cfg.url.startswith("rediss://") and self.cfg.ca_file:
+            kw["ssl_ca_certs"] = str(self.cfg.ca_file)
+        client = redis.Redis.from_url(self.cfg.url, **kw)
+        try:
+            client.ping()
+        except redis.RedisError as exc:
+            client.close()
+            raise SinkDown(_why(exc)) from None
+        self._redis = client
+        self._last_ok_s = time.monotonic()
+
+    def _deliver(self, batch: list) -> tuple[int, int]:
+        pipe = self._redis.pipeline(transaction=False)
+        for payload in batch:
+            pipe.xadd(self.cfg.stream, {"event": payload}, maxlen=self.cfg.maxlen, approximate=True)
+        try:
+            results = pipe.execute(raise_on_error=False)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise SinkDown(_why(exc)) from None  # unknown how many landed: the batch is sent again (at least once)
+        rejected = sum(1 for r in results if isinstance(r, Exception))
+        if rejected:
+            first = next(r for r in results if isinstance(r, Exception))
+            log.error("sink %s: Redis refused %d event(s): %s", self.label, rejected, first)
+        self._last_ok_s = time.monotonic()
+        return len(batch), rejected
+
+    def _idle(self, timeout_s: float) -> None:
+        if time.monotonic() - self._last_ok_s >= PING_EVERY_S:
+            try:
+                self._redis.ping()
+            except redis.RedisError as exc:
+                raise SinkDown(_why(exc)) from None
+            self._last_ok_s = time.monotonic()
+        self.backlog.wait(timeout_s)
+
+    def _disconnect(self, graceful: bool) -> None:
+        client, self._redis = self._redis, None
+        if client is not None:
+            try:
+                client.close()
+            except Exception:
+                pass
+
+
+def _why(exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if "redis" in text.lower() else f"Redis: {text}"

@@ -1,0 +1,97 @@
+"""Two real daemons (instances site-a and site-b, same camera name) publishing into real MQTT and Redis brokers."""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from agecam.client import subscribe
+from tests.helpers import Daemon, free_port, http_get, need_module, need_tool, wait_for
+
+pytestmark = pytest.mark.slow
+
+INSTANCES = ("site-a", "site-b")
+
+
+def _config(models_dir, instance: str, mosquitto, redis_server, metrics_port: int) -> dict:
+    return {"cameras": [{"name": "door", "source": "demo", "loop": True}],
+            "events": {"bind": f"tcp://127.0.0.1:{free_port()}", "update_max_interval_s": 0.5},
+            "metrics": {"bind": f"127.0.0.1:{metrics_port}"}, "preview": {"bind": None},
+            "runtime": {"models_dir": str(models_dir), "instance": instance, "intra_op_threads": 1},
+            "sinks": [{"kind": "mqtt", "url": mosquitto.url, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
+                      {"kind": "redis", "url": redis_server.url}]}
+
+
+def _instances_seen(sub, want: set[str], timeout_s: float) -> dict[str, float]:
+    """First arrival time of an event from each wanted instance."""
+    seen: dict[str, float] = {}
+    deadline_s = time.monotonic() + timeout_s
+    while set(seen) != want and time.monotonic() < deadline_s:
+        try:
+            ev = sub.next(1.0)
+        except TimeoutError:
+            continue
+        seen.setdefault(ev.instance, time.monotonic())
+    return seen
+
+
+def test_two_instances_reach_mqtt_and_redis_and_survive_a_broker_restart(models_dir, tmp_path, mosquitto,
+                                                                           redis_server):
+    redis = need_module("redis")
+    metrics_ports = [free_port(), free_port()]
+    daemons = []
+    for instance, port in zip(INSTANCES, metrics_ports):
+        (tmp_path / instance).mkdir()
+        daemons.append(Daemon(tmp_path / instance, _config(models_dir, instance, mosquitto, redis_server, port)))
+    try:
+        for d in daemons:
+            d.wait_ready()
+        # mosquitto's own client sees both instances on <prefix>/<instance>/<camera>/<type>
+        out = subprocess.run([need_tool("mosquitto_sub"), "-p", str(mosquitto.port), "-v", "-t", "agecam/+/+/+",
+                              "-W", "8"], capture_output=True, text=True, timeout=30).stdout.splitlines()
+        topics = {line.split(" ", 1)[0] for line in out}
+        for instance in INSTANCES:
+            assert f"agecam/{instance}/door/camera.status" in topics, sorted(topics)[:10]
+            assert any(t.startswith(f"agecam/{instance}/door/track.") for t in topics), sorted(topics)[:10]
+        for line in out[:20]:
+            topic, payload = line.split(" ", 1)
+            ev = json.loads(payload)
+            assert topic == f"agecam/{ev['instance']}/{ev['camera']}/{ev['type']}"
+        # the client library too
+        with subscribe(mosquitto.url, types=["track."]) as sub:
+            assert set(_instances_seen(sub, set(INSTANCES), 20)) == set(INSTANCES)
+
+        # when the broker dies for a few seconds while both daemons keep running
+        mosquitto.kill()
+        wait_for(lambda: all(b"agecam_sink_connected{sink=\"mqtt\"} 0.0" in http_get(
+            f"http://127.0.0.1:{p}/metrics")[1] for p in metrics_ports), 20, "both mqtt sinks reported down")
+        time.sleep(3)
+        assert all(d.proc.poll() is None for d in daemons)
+        restarted_s = time.monotonic()
+        mosquitto.start()
+        # then events from both instances resume
+        with subscribe(mosquitto.url, types=["track."]) as sub:
+            seen = _instances_seen(sub, set(INSTANCES), 30)
+        assert set(seen) == set(INSTANCES), seen
+        resume_s = max(seen.values()) - restarted_s
+        print(f"mqtt events from both instances {resume_s:.2f} s after the broker restarted")
+        wait_for(lambda: all(b"agecam_sink_connected{sink=\"mqtt\"} 1.0" in http_get(
+            f"http://127.0.0.1:{p}/metrics")[1] for p in metrics_ports), 20, "both mqtt sinks reported up")
+        assert all(d.proc.poll() is None for d in daemons)
+    finally:
+        codes = [d.stop() for d in daemons]
+    assert codes == [0, 0], [d.log()[-2000:] for d in daemons]
+
+    # the Redis stream (up throughout) holds every event of both runs: seq 1..N per instance, no gap, no repeat
+    r = redis.Redis(port=redis_server.port)
+    entries = [json.loads(fields[b"event"]) for _id, fields in r.xrange("agecam:events")]
+    r.close()
+    for instance in INSTANCES:
+        seqs = [e["seq"] for e in entries if e["instance"] == instance]
+        assert len(seqs) > 20, (instance, len(seqs))
+        assert seqs == list(range(1, len(seqs) + 1)), f"{instance}: gaps or repeats in {seqs[:50]}..."
+        assert len({e["run_id"] for e in entries if e["instance"] == instance}) == 1
+    for d in daemons:
+        assert "sink mqtt" in d.log() and "stopped with" not in d.log()
