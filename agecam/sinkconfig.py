@@ -1,6 +1,7 @@
 """Config sections of the event sinks beside ZeroMQ (MQTT, Redis Streams) and of the daemon's instance name."""
 from __future__ import annotations
 
+import os
 import re
 import socket
 from pathlib import Path
@@ -13,8 +14,10 @@ NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"  # also an MQTT topic level: no '/', '+
 
 
 def default_instance() -> str:
-    """This host's name, reduced to the characters an instance name (an MQTT topic level) may hold."""
-    name = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64].strip(".")
+    """$AGECAM_INSTANCE (set by the agecam@ unit: host-instance) or this host's name, reduced to the characters an
+    instance name (an MQTT topic level) may hold."""
+    raw = os.environ.get("AGECAM_INSTANCE") or socket.gethostname()
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", raw)[:64].strip(".")
     return name or "agecam"
 
 

@@ -182,6 +182,52 @@ def test_drop_in_verifies_and_stays_within_the_exposure_limit(tmp_path, drop_in,
     assert score <= MAX_EXPOSURE, f"exposure with {drop_in} is {score} > {MAX_EXPOSURE}"
 
 
+TEMPLATE = REPO / "systemd" / "agecam@.service"
+# what may differ between the two units: the instance's paths, names and its default runtime.instance
+PER_INSTANCE_KEYS = ("Description", "ExecStart", "Environment", "StateDirectory", "CacheDirectory", "WorkingDirectory")
+
+
+def _settings(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def test_template_unit_verifies_scores_like_the_main_unit_and_keeps_its_hardening(tmp_path, analyze):
+    # given agecam@.service instantiated as agecam@door.service, ExecStart pointed at this venv
+    text = TEMPLATE.read_text()
+    assert "ExecStart=/opt/agecam/.venv/bin/agecam run --config /etc/agecam/%i.yaml" in text
+    unit = tmp_path / "agecam@.service"
+    unit.write_text(text.replace("/opt/agecam/.venv/bin/agecam", f"{sys.executable} -m agecam.cli"))
+    # when verified and scored
+    verify = subprocess.run([analyze, "verify", "agecam@door.service"], capture_output=True, text=True, cwd=tmp_path)
+    sec = subprocess.run([analyze, "security", "--offline=yes", "--no-pager", "agecam@door.service"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    # then it is clean and as exposed as the main unit (or less)
+    assert verify.returncode == 0 and not (verify.stdout + verify.stderr).strip(), verify.stdout + verify.stderr
+    score = float(re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", sec.stdout + sec.stderr).group(1))
+    assert score <= MAX_EXPOSURE, sec.stdout
+    # and every other setting of agecam.service is in the template, unchanged (no hardening drifts apart)
+    main = [line for line in _settings(UNIT.read_text()) if not line.startswith(PER_INSTANCE_KEYS)]
+    missing = [line for line in main if line not in _settings(text)]
+    assert not missing, f"agecam@.service lacks settings of agecam.service: {missing}"
+    for line in ("StateDirectory=agecam/%i", "WorkingDirectory=/var/lib/agecam/%i", "Environment=AGECAM_INSTANCE=%H-%i",
+                 "Environment=AGECAM_MODELS_DIR=/opt/agecam/models"):
+        assert line in text.splitlines(), f"template lacks {line!r}"
+
+
+def test_instance_defaults_to_agecam_instance_then_the_host_name(monkeypatch):
+    from agecam.config import parse
+
+    doc = {"cameras": [{"name": "door", "source": "demo"}]}
+    monkeypatch.setenv("AGECAM_INSTANCE", "edge-7-door")
+    assert parse(doc).runtime.instance == "edge-7-door"
+    monkeypatch.setenv("AGECAM_INSTANCE", "bad/name with spaces")
+    assert parse(doc).runtime.instance == "bad-name-with-spaces"
+    monkeypatch.delenv("AGECAM_INSTANCE")
+    import socket
+
+    assert parse(doc).runtime.instance == socket.gethostname().replace("/", "-")[:64]
+
+
 def test_unit_has_the_operational_settings():
     # given the unit's text, when read, then the service-manager contract is there
     text = UNIT.read_text()
