@@ -68,6 +68,33 @@ def launch_line(args: argparse.Namespace, annexb: str | None) -> str:
             f"bframes=0 ! video/x-h264,profile=constrained-baseline ! {pay} )")
 
 
+def _cached_annexb(media: str) -> str:
+    """The media remuxed to Annex-B once per content, in one shared cache folder: a server killed with SIGKILL
+    (the outage tests) leaves nothing behind, and a thousand restarts reuse one file. Entries unused for a day are
+    removed, so the folder stays bounded across test runs."""
+    import hashlib
+    import time
+
+    with open(media, "rb") as f:
+        key = hashlib.file_digest(f, "sha1").hexdigest()[:20]
+    folder = os.path.join(tempfile.gettempdir(), "agecam-rtsp-cache")
+    os.makedirs(folder, exist_ok=True)
+    for old in os.scandir(folder):
+        try:
+            if time.time() - old.stat().st_mtime > 86400:
+                os.unlink(old.path)
+        except OSError:
+            pass
+    out = os.path.join(folder, f"{key}.h264")
+    if not os.path.exists(out):
+        part = f"{out}.{os.getpid()}.part"
+        remux_to_annexb(media, part)
+        os.replace(part, out)  # atomic: concurrent servers never read a half-written file
+    else:
+        os.utime(out)  # used now: kept another day
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
@@ -86,7 +113,6 @@ def main() -> int:
         ap.error("--user and --password go together")
 
     Gst.init(None)
-    tmpdir = None
     annexb = None
     if args.media:
         if not os.path.isfile(args.media):
@@ -94,9 +120,7 @@ def main() -> int:
         if args.media.lower().endswith((".h264", ".264")):
             annexb = args.media
         else:
-            tmpdir = tempfile.TemporaryDirectory(prefix="agecam-rtsp-")
-            annexb = os.path.join(tmpdir.name, "stream.h264")
-            remux_to_annexb(args.media, annexb)
+            annexb = _cached_annexb(args.media)
 
     server = GstRtspServer.RTSPServer()
     server.set_address("127.0.0.1")
@@ -122,11 +146,7 @@ def main() -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         GLib.unix_signal_add(GLib.PRIORITY_DEFAULT, sig, loop.quit)
     print(f"READY rtsp://127.0.0.1:{server.get_bound_port()}/{args.path.lstrip('/')}", flush=True)
-    try:
-        loop.run()
-    finally:
-        if tmpdir is not None:
-            tmpdir.cleanup()
+    loop.run()
     return 0
 
 
