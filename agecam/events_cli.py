@@ -27,7 +27,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stream", default="agecam:events", help="Redis: the sink's stream key")
     p.add_argument("--group", default=None,
                    help="Redis: read through this consumer group (acknowledged as printed; a restart resumes)")
-    p.add_argument("--consumer", default=None, help="Redis: consumer name in the group (default: the host name)")
+    p.add_argument("--consumer", default=None, help="Redis: consumer name in the group (default: the host name; "
+                   "give a stable one where host names change)")
+    p.add_argument("--password-env", metavar="VAR", default=None,
+                   help="MQTT/Redis: read the broker password from this environment variable (not the command line, "
+                   "where ps shows it); the user goes in the URL")
     p.set_defaults(func=events_command)
 
 
@@ -43,16 +47,25 @@ def events_command(args) -> int:
             print("agecam events: --server-key and --client-key go together (CURVE needs both)", file=sys.stderr)
             return exits.USAGE
         options.update(server_key=args.server_key, client_key=args.client_key)
-    elif scheme in ("mqtt", "mqtts"):
-        options.update(topic_prefix=args.topic_prefix)
-    elif scheme in ("redis", "rediss"):
-        options.update(stream=args.stream, group=args.group, consumer=args.consumer)
+    elif scheme in ("mqtt", "mqtts", "redis", "rediss"):
+        if args.password_env:
+            import os
+
+            if args.password_env not in os.environ:
+                print(f"agecam events: --password-env: {args.password_env} is not set", file=sys.stderr)
+                return exits.USAGE
+            options.update(password=os.environ[args.password_env])
+        if scheme.startswith("mqtt"):
+            options.update(topic_prefix=args.topic_prefix)
+        else:
+            options.update(stream=args.stream, group=args.group, consumer=args.consumer)
     try:
         sub = subscribe(args.connect, **options)
     except (CertificateError, FileNotFoundError, ValueError) as exc:
         print(f"agecam events: {secret_free(str(exc))}", file=sys.stderr)
         return exits.USAGE
     seen = 0
+    printed = True  # the event handed out last reached stdout: only then is it acknowledged (Redis groups)
     try:
         while not args.count or seen < args.count:
             try:
@@ -60,11 +73,13 @@ def events_command(args) -> int:
             except TimeoutError:
                 print(f"no event for {args.timeout:g} s from {secret_free(args.connect)}", file=sys.stderr)
                 return exits.NO_EVENTS
+            printed = False
             sys.stdout.write(event.to_json() + "\n")
             sys.stdout.flush()
+            printed = True
             seen += 1
     except (KeyboardInterrupt, BrokenPipeError):
         pass
     finally:
-        sub.close()
+        sub.close(ack_last=printed)
     return exits.OK

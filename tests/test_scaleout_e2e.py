@@ -95,3 +95,56 @@ def test_two_instances_reach_mqtt_and_redis_and_survive_a_broker_restart(models_
         assert len({e["run_id"] for e in entries if e["instance"] == instance}) == 1
     for d in daemons:
         assert "sink mqtt" in d.log() and "stopped with" not in d.log()
+
+
+def test_reload_keeps_unchanged_sinks_connected_and_secrets_stay_out(models_dir, tmp_path, mosquitto, redis_server,
+                                                                      monkeypatch):
+    redis = need_module("redis")
+    canary = "canary-broker-pw-90417"
+    monkeypatch.setenv("AGECAM_TEST_BROKER_PW", canary)  # inherited by the daemon
+    metrics_port = free_port()
+    cfg = _config(models_dir, "site-a", mosquitto, redis_server, metrics_port)
+    cfg["sinks"][0]["url"] = f"mqtt://agecam:${{env:AGECAM_TEST_BROKER_PW}}@127.0.0.1:{mosquitto.port}"
+    cfg["sinks"][1]["password"] = "${env:AGECAM_TEST_BROKER_PW}"
+    (tmp_path / "d").mkdir()
+    redis_server.cli("CONFIG", "SET", "requirepass", canary)
+    d = Daemon(tmp_path / "d", cfg)
+    r = redis.Redis(port=redis_server.port, password=canary)
+
+    def clients() -> set[str]:
+        return {c["id"] for c in r.client_list() if c["name"] != "" or c["cmd"] != "client|list"}
+
+    def stream_len(name: str = "agecam:events") -> int:
+        return r.xlen(name)
+
+    try:
+        d.wait_ready()
+        wait_for(lambda: stream_len() > 5, 60, "events in the stream")
+        before = clients()
+        # when the config is reloaded three times with the sinks unchanged
+        for i in range(3):
+            n = d.log().count("reload applied")
+            d.proc.send_signal(1)  # SIGHUP
+            wait_for(lambda: d.log().count("reload applied") > n, 60, f"reload {i + 1} applied")
+        grown = stream_len()
+        wait_for(lambda: stream_len() > grown + 5, 60, "events after the reloads")
+        # then the sink kept its connection (the same client) and the stream has no gap across the reloads
+        assert clients() == before, (before, clients())
+        seqs = [json.loads(f[b"event"])["seq"] for _id, f in r.xrange("agecam:events")]
+        assert seqs == list(range(1, len(seqs) + 1))
+        # when the sink's stream changes, a reload moves the events there
+        cfg["sinks"][1]["stream"] = "agecam:moved"
+        d.write_config(cfg)
+        n = d.log().count("reload applied")
+        d.proc.send_signal(1)
+        wait_for(lambda: d.log().count("reload applied") > n, 60, "the stream change applied")
+        wait_for(lambda: stream_len("agecam:moved") > 3, 60, "events in the new stream")
+        metrics_text = http_get(f"http://127.0.0.1:{metrics_port}/metrics")[1].decode()
+        assert 'agecam_sink_connected{sink="redis"} 1.0' in metrics_text
+    finally:
+        code = d.stop()
+        r.close()
+    assert code == 0, d.log()[-3000:]
+    # and the broker password appears nowhere: not in the log, the metrics, nor the events
+    assert canary not in d.log() and canary not in metrics_text
+    assert "sink mqtt: mqtt://***@127.0.0.1" in d.log()

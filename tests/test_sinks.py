@@ -242,3 +242,113 @@ def test_consumer_group_reader_killed_and_restarted_loses_nothing_and_repeats_no
         assert printed_second == sorted(printed_second)
     finally:
         sink.close(3)
+
+
+def test_consumer_group_claims_what_a_dead_consumer_left_and_a_failed_handler_is_not_acknowledged(redis_server):
+    redis = need_module("redis")
+    r = redis.Redis(port=redis_server.port)
+    f = EventFactory(instance="site-a")
+    for i in range(3):
+        r.xadd("agecam:events", {"event": _track(f, i + 1)[1]})
+    # given a consumer (a container whose host name changed since) that was handed an event and died
+    gone = subscribe(redis_server.url, group="dash", consumer="pod-old", timeout_s=5)
+    assert gone.next(5).seq == 1
+    # when a consumer under a new name starts, claiming entries idle for a moment
+    with subscribe(redis_server.url, group="dash", consumer="pod-new", claim_idle_s=0.0, timeout_s=5) as sub:
+        got = [sub.next(5).seq for _ in range(3)]
+    # then it gets the dead consumer's entry too, and nothing is stranded
+    assert sorted(got) == [1, 2, 3]
+    assert r.xpending("agecam:events", "dash")["pending"] == 0
+    # and an event whose handler raised inside `with` stays pending, for the next start to get again
+    r.xadd("agecam:events", {"event": _track(f, 4)[1]})
+    with pytest.raises(RuntimeError):
+        with subscribe(redis_server.url, group="dash", consumer="pod-new", timeout_s=5) as sub:
+            for ev in sub:
+                raise RuntimeError(f"handler failed on {ev.seq}")
+    with subscribe(redis_server.url, group="dash", consumer="pod-new", timeout_s=5) as sub:
+        assert sub.next(5).seq == 4
+    gone.close(ack_last=False)
+    r.close()
+
+
+@pytest.mark.parametrize("kind", ["mqtt", "redis"])
+def test_sink_stops_within_its_deadline_when_the_broker_freezes(kind, mosquitto, redis_server):
+    broker = mosquitto if kind == "mqtt" else redis_server
+    sink = (MqttSink(MqttSinkConfig(kind="mqtt", url=broker.url), "site-a") if kind == "mqtt"
+            else RedisSink(RedisSinkConfig(kind="redis", url=broker.url)))
+    sink.start()
+    f = EventFactory(instance="site-a")
+    try:
+        wait_for(lambda: sink.connected, 10, "the sink to connect")
+        # given a broker that stops answering (SIGSTOP) while events wait
+        broker.proc.send_signal(signal.SIGSTOP)
+        for i in range(10):
+            sink.submit(*_track(f, i + 1))
+        time.sleep(0.3)  # the sink is now blocked on the frozen broker
+        # when the sink is closed with 2 s
+        t0 = time.monotonic()
+        stopped = sink.close(2.0)
+        took = time.monotonic() - t0
+        # then its thread has ended within them, the events still in its backlog
+        assert stopped and took < 2.5, took
+        assert len(sink.backlog) == 10
+    finally:
+        broker.proc.send_signal(signal.SIGCONT)
+
+
+def test_an_event_the_broker_always_refuses_is_dropped_after_a_few_tries_without_hammering(tmp_path):
+    from tests.brokers import Mosquitto
+
+    # given a broker that disconnects any client sending a packet over 300 bytes
+    class Small(Mosquitto):
+        def _cmd(self):
+            cmd = super()._cmd()
+            conf = self.tmp / f"mosquitto-{self.port}.conf"
+            conf.write_text(conf.read_text() + "max_packet_size 300\n")
+            return cmd
+
+    broker = Small(tmp_path)
+    metrics = Metrics()
+    sink = MqttSink(MqttSinkConfig(kind="mqtt", url=broker.url, reconnect_min_s=0.1, reconnect_max_s=0.4),
+                    "site-a", metrics)
+    connects = []
+    real_connect = sink._connect
+    sink._connect = lambda: (connects.append(time.monotonic()), real_connect())[1]
+    sink.start()
+    f = EventFactory(instance="site-a")
+    try:
+        wait_for(lambda: sink.connected, 10, "the sink to connect")
+        big = f.camera_status("door", time.time(), "offline", "x" * 400)
+        sink.submit(big, json.dumps(big).encode())
+        sink.submit(*_status(f, "door", "online"))
+        # then the oversized event is dropped as rejected after 5 tries, and the next one is delivered
+        wait_for(lambda: sink.sent == 1, 20, "the event after the refused one delivered")
+        assert _sample(metrics, "agecam_sink_events_dropped_total", sink="mqtt", reason="rejected") == 1
+        # and the retries backed off: a handful of connections, not thousands
+        assert 5 <= len(connects) <= 8, len(connects)
+    finally:
+        sink.close(2)
+        broker.stop()
+
+
+def test_redis_out_of_memory_keeps_the_events_until_it_accepts_writes(redis_server):
+    sink = RedisSink(RedisSinkConfig(kind="redis", url=redis_server.url, reconnect_min_s=0.1, reconnect_max_s=0.3))
+    sink.start()
+    f = EventFactory(instance="site-a")
+    try:
+        wait_for(lambda: sink.connected, 10, "the sink to connect")
+        # given Redis refusing writes (its memory limit reached)
+        redis_server.cli("CONFIG", "SET", "maxmemory-policy", "noeviction")
+        redis_server.cli("CONFIG", "SET", "maxmemory", "1")
+        for i in range(20):
+            sink.submit(*_track(f, i + 1))
+        # then nothing is dropped: the events wait, and health says why
+        wait_for(lambda: "maxmemory" in sink.snapshot().reason, 10, "the sink to report the refusal")
+        time.sleep(2)  # several retries (more than the poison limit) pass
+        assert sink.dropped == 0 and len(sink.backlog) == 20
+        # when Redis accepts writes again, every event arrives in order
+        redis_server.cli("CONFIG", "SET", "maxmemory", "0")
+        wait_for(lambda: len(_stream_seqs(redis_server)) == 20, 15, "the held events delivered")
+        assert _stream_seqs(redis_server) == list(range(1, 21))
+    finally:
+        sink.close(2)

@@ -31,8 +31,8 @@ class Subscription:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *_) -> None:
+        self.close(ack_last=exc_type is None)  # an event whose handling raised is not acknowledged
 
     def next(self, timeout_s: float | None = None) -> Event:
         """The next event that passes the filters; TimeoutError after timeout_s without one."""
@@ -62,5 +62,6 @@ class Subscription:
         """One raw message, or None when nothing came within timeout_s (None: block)."""
         raise NotImplementedError
 
-    def close(self) -> None:
+    def close(self, ack_last: bool = True) -> None:
+        """End the subscription. ack_last: the event handed out last was handled (only Redis groups keep acks)."""
         raise NotImplementedError

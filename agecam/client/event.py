@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from agecam.events import AgeEstimate as Age  # the public age type: years, std, low, high, samples, stable
+
 SCHEMA = "agecam.event/v1"
 TRACK_TYPES = ("track.start", "track.update", "track.end")
 TYPES = (*TRACK_TYPES, "camera.status")
@@ -12,18 +14,6 @@ STATUSES = ("online", "offline", "ended")
 
 class EventError(ValueError):
     """A message that is not a valid agecam v1 event; the text names the field."""
-
-
-@dataclass(frozen=True)
-class Age:
-    """A fused age: mean years, its spread, the central 90 % interval, samples fused, and whether it settled."""
-
-    years: float
-    std: float
-    low: float
-    high: float
-    samples: int
-    stable: bool
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ class MqttSubscription(Subscription):
         self._qos = qos
         self._messages: deque[bytes] = deque()
         self._connected = False
+        self._refused = False
         self._retry_at_s = 0.0
         self._delay_s = 0.2
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"agecam-client-{uuid.uuid4().hex[:12]}",
@@ -49,7 +50,9 @@ class MqttSubscription(Subscription):
 
     def _on_connect(self, client, _userdata, _flags, reason, _props) -> None:
         if reason.is_failure:
-            log.warning("mqtt %s:%d refused the connection: %s", *self._addr, reason)
+            log.warning("mqtt %s:%d refused the connection: %s; retrying in %.1f s", *self._addr, reason,
+                        self._delay_s)
+            self._refused = True
             return
         self._connected = True
         self._delay_s = 0.2
@@ -78,14 +81,15 @@ class MqttSubscription(Subscription):
         if self._retry_at_s != float("inf"):  # waiting to retry
             time.sleep(slice_s)
             return None
-        if self._client.loop(slice_s) != mqtt.MQTT_ERR_SUCCESS:
+        if self._client.loop(slice_s) != mqtt.MQTT_ERR_SUCCESS or self._refused:
             if self._connected:
                 log.warning("mqtt %s:%d: connection lost; reconnecting", *self._addr)
-            self._connected = False
+            self._connected = self._refused = False
             self._retry_at_s = time.monotonic() + self._delay_s
+            self._delay_s = min(self._delay_s * 2, 5.0)
         return self._messages.popleft() if self._messages else None
 
-    def close(self) -> None:
+    def close(self, ack_last: bool = True) -> None:
         try:
             self._client.disconnect()
         except Exception:

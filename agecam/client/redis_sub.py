@@ -12,32 +12,38 @@ from redis.retry import Retry
 from agecam.client.base import Subscription, log
 
 BLOCK_SLICE_MS = 500
-READ_COUNT = 100
+READ_COUNT = 100  # without a group
+GROUP_READ_COUNT = 1  # with one: an entry is pending only once handed out, so a crash strands nothing unseen
 
 
 class RedisSubscription(Subscription):
     """Reads `stream`. Without a group: new entries from now (or from `start`, an entry id or '0' for all).
 
     With `group` (created at `start`, default '0': the whole stream, when it does not exist yet): entries are
-    delivered to `consumer` (default: this host's name) and acknowledged when the next one is asked for, or by
-    ack() / close(). A consumer that restarts first gets back what it was handed but had not acknowledged
-    (at least once), then new entries: nothing acknowledged is repeated and nothing is lost.
+    delivered to `consumer` (default: this host's name; give a stable one where host names change, as in
+    containers) and acknowledged when the next one is asked for, or by ack() / close(). A consumer that restarts
+    first gets back what it was handed but had not acknowledged (at least once), then new entries: nothing
+    acknowledged is repeated and nothing is lost. Entries another consumer of the group held unacknowledged for
+    `claim_idle_s` (it died, or was renamed) are claimed at start and delivered here.
     """
 
     def __init__(self, url: str, *, stream: str = "agecam:events", group: str | None = None,
-                 consumer: str | None = None, start: str | None = None, **kw):
+                 consumer: str | None = None, start: str | None = None, claim_idle_s: float = 60.0,
+                 username: str | None = None, password: str | None = None, **kw):
         super().__init__(**kw)
         self.stream = stream
         self.group = group
         self.consumer = consumer or socket.gethostname()
+        auth = {k: v for k, v in (("username", username), ("password", password)) if v}
         self._r = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=BLOCK_SLICE_MS / 1000 + 3,
-                                       retry=Retry(NoBackoff(), 0))
+                                       retry=Retry(NoBackoff(), 0), **auth)
         self._buffer: deque = deque()
         self._unacked: str | None = None  # the entry handed out last, acknowledged on the next call
         self._pending_from: str | None = "0"  # first re-read what this consumer was handed before (after a crash)
         self._last_id = start or "$"
         self._group_start = start or "0"
         self._group_ready = False
+        self._claim_idle_ms = int(claim_idle_s * 1000)
         self._retry_at_s = 0.0
         self.last_id: str | None = None  # the id of the entry handed out last
 
@@ -49,6 +55,14 @@ class RedisSubscription(Subscription):
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+        cursor = "0-0"
+        while True:  # take over what dead or renamed consumers left pending; read below as this consumer's own
+            cursor, claimed, *_ = self._r.xautoclaim(self.stream, self.group, self.consumer, self._claim_idle_ms,
+                                                     start_id=cursor, count=100)
+            if claimed:
+                log.info("redis: claimed %d entries left pending by other consumers of %s", len(claimed), self.group)
+            if cursor in ("0-0", b"0-0"):
+                break
         self._group_ready = True
 
     def ack(self) -> None:
@@ -61,7 +75,8 @@ class RedisSubscription(Subscription):
         if self.group is None:
             resp = self._r.xread({self.stream: self._last_id}, count=READ_COUNT, block=block_ms)
         elif self._pending_from is not None:
-            resp = self._r.xreadgroup(self.group, self.consumer, {self.stream: self._pending_from}, count=READ_COUNT)
+            resp = self._r.xreadgroup(self.group, self.consumer, {self.stream: self._pending_from},
+                                      count=GROUP_READ_COUNT)
             entries = resp[0][1] if resp else []
             if not entries:
                 self._pending_from = None
@@ -69,7 +84,8 @@ class RedisSubscription(Subscription):
             self._pending_from = entries[-1][0]
             return entries
         else:
-            resp = self._r.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=READ_COUNT, block=block_ms)
+            resp = self._r.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=GROUP_READ_COUNT,
+                                      block=block_ms)
         entries = resp[0][1] if resp else []
         if entries and self.group is None:
             self._last_id = entries[-1][0]
@@ -85,10 +101,16 @@ class RedisSubscription(Subscription):
                     return None
                 self._ensure_group()
                 self._buffer.extend(self._read(block_ms))
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
+            if isinstance(exc, redis.ResponseError) and "NOGROUP" not in str(exc):
+                raise
+            # NOGROUP: Redis restarted without its data; the group is created again
             log.warning("redis: %s; retrying", exc)
             self._retry_at_s = time.monotonic() + 1.0
             if self.group is not None:
+                self._group_ready = False
+                if isinstance(exc, redis.ResponseError):
+                    self._unacked = None  # its group is gone with the data
                 self._pending_from = "0"  # whatever was read but not handed out is still pending: read it again
                 self._buffer.clear()
             return None

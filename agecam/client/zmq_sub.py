@@ -39,5 +39,5 @@ class ZmqSubscription(Subscription):
         _topic, payload = self._sock.recv_multipart()
         return payload
 
-    def close(self) -> None:
+    def close(self, ack_last: bool = True) -> None:
         self._sock.close(0)

@@ -32,7 +32,6 @@ class App:
         self.cfg = cfg
         self.stop_event = threading.Event()
         self.events = events or EventFactory()
-        self.events.instance = cfg.runtime.instance
         self.track_ids: dict[str, TrackIds] = track_ids if track_ids is not None else defaultdict(TrackIds)
         self._detector = detector
         self._age_model = age_model
@@ -80,6 +79,7 @@ class App:
 
         cfg = self.cfg
         self.started = True  # from here on stop() has something to close
+        self.events.instance = cfg.runtime.instance  # here, not at build: a refused reload renames nothing
         if self.metrics is None:
             self.metrics = Metrics(cameras=list(self.cameras))
         m = self.metrics
@@ -136,18 +136,22 @@ class App:
         from agecam.daemon.sinks import build_sink, sink_key
 
         inherited, self.sinks = self.sinks, {}
-        m.add_sinks([c.label for c in self.cfg.sinks])
-        for c in self.cfg.sinks:
-            key = sink_key(c, self.cfg.runtime.instance)
-            sink = inherited.pop(key, None)
-            if sink is None:
-                sink = build_sink(c, self.cfg.runtime.instance, m)
-                sink.start()
-            sink.metrics = m
-            self.sinks[key] = sink
-            self._owned_sinks.add(key)
-        for sink in inherited.values():  # handed over but no longer configured
-            sink.close(1.0)
+        try:
+            m.add_sinks([c.label for c in self.cfg.sinks])
+            for c in self.cfg.sinks:
+                key = sink_key(c, self.cfg.runtime.instance)
+                sink = inherited.pop(key, None)
+                if sink is None:
+                    sink = build_sink(c, self.cfg.runtime.instance, m)
+                    sink.start()
+                sink.metrics = m
+                self.sinks[key] = sink
+                self._owned_sinks.add(key)
+        finally:  # handed over but no longer configured (or a failed start): stopped together
+            for sink in inherited.values():
+                sink.signal_stop(1.0)
+            for sink in inherited.values():
+                sink.join(1.0)
 
     def submit(self, event: dict) -> None:
         """Hand one event to the ZeroMQ publisher and every sink, never blocking (each has its own bounded queue)."""

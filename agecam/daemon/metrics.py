@@ -86,6 +86,9 @@ class NullMetrics:
     def sink_backlog(self, sink: str, length) -> None:
         """Where to read how many events wait in a sink's backlog (length(), called at each scrape)."""
 
+    def add_sinks(self, sinks: Iterable[str]) -> None:
+        """The configured sinks, so their series exist from the first scrape."""
+
 
 def _dist_version(*names: str) -> str:
     """Installed version of the first distribution found among names, without importing it."""

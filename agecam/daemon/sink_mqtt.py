@@ -1,6 +1,7 @@
 """The MQTT sink: events on <topic_prefix>/<instance>/<camera>/<type>, camera.status retained (paho-mqtt)."""
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import ssl
@@ -13,6 +14,7 @@ from agecam.daemon.metrics import NullMetrics
 from agecam.daemon.sinks import Sink, SinkDown
 from agecam.events import CAMERA_STATUS
 
+CONNECT_TIMEOUT_S = 2.0  # TCP connect
 CONNACK_TIMEOUT_S = 5.0
 ACK_TIMEOUT_S = 10.0  # a batch not acknowledged within this is treated as a lost connection (and sent again)
 
@@ -44,8 +46,11 @@ class MqttSink(Sink):
         return event_topic(self.cfg.topic_prefix, self._instance, event), payload, event["type"] == CAMERA_STATUS
 
     def _connect(self) -> None:
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"agecam-{self._instance}-{self.label}-{os.getpid()}",
-                        protocol=mqtt.MQTTv311, clean_session=True)
+        # 23 characters at most: all MQTT 3.1.1 brokers must accept it
+        ident = hashlib.sha1(f"{self._instance}|{self.label}|{os.getpid()}".encode()).hexdigest()[:16]
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"agecam-{ident}", protocol=mqtt.MQTTv311,
+                        clean_session=True)
+        c.connect_timeout = CONNECT_TIMEOUT_S
         c.max_inflight_messages_set(self.batch_size)
         if self._username:
             c.username_pw_set(self._username, self._password)
@@ -57,21 +62,24 @@ class MqttSink(Sink):
         where = f"{self._host}:{self._port}"
         try:
             c.connect(self._host, self._port, keepalive=self.cfg.keepalive_s)
-            # one small packet per event: without this, Nagle holds each batch's tail for the broker's delayed ACK
-            # (measured: 3,100 -> see bench/bench_sinks.py events/s at QoS 1)
-            c.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            c.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # events are small and each one counts
         except (OSError, ssl.SSLError) as exc:
             raise SinkDown(f"cannot connect to {where}: {getattr(exc, 'strerror', None) or exc}") from None
-        deadline_s = time.monotonic() + CONNACK_TIMEOUT_S
+        self._client = c  # from here _interrupt() can cut a blocked wait
+        deadline_s = min(time.monotonic() + CONNACK_TIMEOUT_S, self._give_up_s())
         while "rc" not in answer:
             rc = c.loop(0.1)
+            if "rc" in answer:  # a refusal arrives with the connection's end: report the refusal
+                break
             if rc != mqtt.MQTT_ERR_SUCCESS or time.monotonic() > deadline_s:
+                self._client = None
                 self._close_socket(c)
-                raise SinkDown(f"no answer to CONNECT from {where} ({mqtt.error_string(rc)})")
+                why = mqtt.error_string(rc) if rc != mqtt.MQTT_ERR_SUCCESS else f"{CONNACK_TIMEOUT_S:g} s passed"
+                raise SinkDown(f"no answer to CONNECT from {where} ({why})")
         if answer["rc"].is_failure:
+            self._client = None
             self._close_socket(c)
             raise SinkDown(f"{where} refused the connection: {answer['rc']}")
-        self._client = c
         c.publish(self.status_topic, b"online", qos=1, retain=True)
 
     def _deliver(self, batch: list) -> tuple[int, int]:
@@ -89,6 +97,8 @@ class MqttSink(Sink):
                 raise SinkDown(f"connection lost ({mqtt.error_string(rc)})", _published(infos))
             if time.monotonic() > deadline_s:
                 raise SinkDown(f"no acknowledgement within {ACK_TIMEOUT_S:g} s", done)
+            if time.monotonic() > self._give_up_s():  # stopping: what is unacknowledged stays in the backlog
+                raise SinkDown("stopped while waiting for acknowledgements", done, transient=True)
         return len(infos), 0
 
     def _idle(self, timeout_s: float) -> None:
@@ -103,7 +113,7 @@ class MqttSink(Sink):
         if graceful:  # a clean stop: say offline ourselves (a DISCONNECT suppresses the will)
             try:
                 info = c.publish(self.status_topic, b"offline", qos=1, retain=True)
-                deadline_s = time.monotonic() + 0.5
+                deadline_s = time.monotonic() + 0.25
                 while not info.is_published() and time.monotonic() < deadline_s:
                     if c.loop(IDLE_LOOP_S) != mqtt.MQTT_ERR_SUCCESS:
                         break
@@ -112,6 +122,12 @@ class MqttSink(Sink):
             except Exception:
                 pass
         self._close_socket(c)
+
+    def _interrupt(self) -> None:
+        c = self._client
+        sock = c.socket() if c is not None else None
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)  # the blocked select/recv returns; the loop sees the connection lost
 
     @staticmethod
     def _close_socket(c: mqtt.Client) -> None:

@@ -13,7 +13,12 @@ from agecam.daemon.sinks import Sink, SinkDown
 
 log = logging.getLogger(__name__)
 
-SOCKET_TIMEOUT_S = 3.0  # a broker that stops answering mid-batch is treated as gone (and the batch sent again)
+SOCKET_TIMEOUT_S = 2.0  # a broker that stops answering mid-batch is treated as gone (and the batch sent again)
+# replies that mean "not now": the batch waits (at least once), it is never dropped as refused. redis-py maps some
+# (OOM, READONLY, LOADING) to classes and strips their prefix; the others keep it.
+TRANSIENT_CLASSES = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError,
+                     redis.exceptions.BusyLoadingError)
+TRANSIENT_PREFIXES = ("BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN", "NOREPLICAS")
 PING_EVERY_S = 5.0  # an idle sink checks its connection this often, so /healthz and the gauge stay true
 
 
@@ -55,6 +60,10 @@ class RedisSink(Sink):
             results = pipe.execute(raise_on_error=False)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise SinkDown(_why(exc)) from None  # unknown how many landed: the batch is sent again (at least once)
+        for i, r in enumerate(results):
+            if isinstance(r, TRANSIENT_CLASSES) or isinstance(r, Exception) and str(r).startswith(TRANSIENT_PREFIXES):
+                # from here on, everything is sent again once Redis accepts writes (some may land twice)
+                raise SinkDown(f"Redis: {r}", delivered=i, transient=True)
         rejected = sum(1 for r in results if isinstance(r, Exception))
         if rejected:
             first = next(r for r in results if isinstance(r, Exception))
@@ -70,6 +79,11 @@ class RedisSink(Sink):
                 raise SinkDown(_why(exc)) from None
             self._last_ok_s = time.monotonic()
         self.backlog.wait(timeout_s)
+
+    def _interrupt(self) -> None:
+        client = self._redis
+        if client is not None:
+            client.connection_pool.disconnect(inuse_connections=True)  # a blocked read fails at once
 
     def _disconnect(self, graceful: bool) -> None:
         client, self._redis = self._redis, None

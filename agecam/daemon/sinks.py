@@ -23,15 +23,20 @@ from agecam.secrets import secret_free
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.05  # an idle sink looks for new events (and services its connection) this often
-FLUSH_MARGIN_S = 0.3  # on close, the flush ends this long before the caller's deadline
+FLUSH_MARGIN_S = 0.6  # on close, the flush ends this long before the caller's deadline (a polite disconnect fits)
+POISON_TRIES = 5  # a head event whose batch failed this often in a row, with nothing delivered, is dropped (rejected)
 
 
 class SinkDown(Exception):
-    """The broker is unreachable or the connection broke; `delivered` events from the batch's head made it."""
+    """The broker is unreachable or the connection broke; `delivered` events from the batch's head made it.
 
-    def __init__(self, reason: str, delivered: int = 0):
+    transient: the broker said "not now" (Redis out of memory, a read-only replica, loading): the batch waits however
+    long it takes, never counted towards dropping its head as a poison event."""
+
+    def __init__(self, reason: str, delivered: int = 0, transient: bool = False):
         super().__init__(reason)
         self.delivered = delivered
+        self.transient = transient
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,7 @@ class Backlog:
         self.max_items = max_items
         self._items: deque = deque()
         self._head_no = 0  # number of the item at the head
+        self.dropped = 0  # items pushed out by newer ones (counted under the lock: many threads put)
         self._cond = threading.Condition()
 
     def __len__(self) -> int:
@@ -71,6 +77,7 @@ class Backlog:
             if len(self._items) >= self.max_items:
                 self._items.popleft()
                 self._head_no += 1
+                self.dropped += 1
                 dropped = 1
             self._items.append(item)
             self._cond.notify()
@@ -115,7 +122,13 @@ class Sink(Worker):
         self._since_s = time.time()
         self._reason = "connecting"
         self.sent = 0
-        self.dropped = 0
+        self.rejected = 0
+        self._head_failures = (-1, 0)  # (number of the head event, failed deliveries of it in a row)
+
+    @property
+    def dropped(self) -> int:
+        """Events given up: pushed out of a full backlog, or refused by the broker."""
+        return self.backlog.dropped + self.rejected
 
     @property
     def metrics(self) -> NullMetrics:
@@ -148,12 +161,18 @@ class Sink(Worker):
     def _disconnect(self, graceful: bool) -> None:
         """Close the connection (politely when graceful)."""
 
+    def _interrupt(self) -> None:
+        """From another thread, at the stop deadline: make a blocked network call return at once."""
+
+    def _give_up_s(self) -> float:
+        """For a subclass's waits: the monotonic time after which a stopping sink must return."""
+        return self._flush_until_s if self._stop.is_set() else float("inf")
+
     # -- the shared loop ----------------------------------------------------------------------------------------------
     def submit(self, event: dict, payload: bytes) -> None:
         """Queue an event without blocking; a full backlog drops its oldest, counted."""
         dropped = self.backlog.put(self._item(event, payload))
         if dropped:
-            self.dropped += dropped
             self.metrics.sink_dropped(self.label, "backlog_full", dropped)
 
     def snapshot(self) -> SinkHealth:
@@ -183,15 +202,10 @@ class Sink(Worker):
             if not self.connected:
                 try:
                     self._connect()
-                except SinkDown as exc:
-                    self._set_state(False, str(exc))
+                except Exception as exc:  # SinkDown, or a client library's surprise: never end the thread
+                    self._set_state(False, str(exc) if isinstance(exc, SinkDown) else f"{type(exc).__name__}: {exc}")
                     self._stop.wait(self._backoff.next_delay_s())
                     continue
-                except Exception as exc:  # a client library's surprise must not end the thread
-                    self._set_state(False, f"{type(exc).__name__}: {exc}")
-                    self._stop.wait(self._backoff.next_delay_s())
-                    continue
-                self._backoff.reset()
                 self._set_state(True, "")
             first_no, batch = self.backlog.head(self.batch_size)
             try:
@@ -199,33 +213,64 @@ class Sink(Worker):
                     self._idle(IDLE_WAIT_S)
                     continue
                 delivered, rejected = self._deliver(batch)
-            except SinkDown as exc:
-                delivered, rejected = exc.delivered, 0
-                self._disconnect(graceful=False)
-                self._set_state(False, str(exc))
             except Exception as exc:
-                delivered, rejected = 0, 0
-                log.exception("sink %s: delivery failed", self.label)
+                delivered, rejected = (exc.delivered, 0) if isinstance(exc, SinkDown) else (0, 0)
+                if not isinstance(exc, SinkDown):
+                    log.exception("sink %s: delivery failed", self.label)
                 self._disconnect(graceful=False)
-                self._set_state(False, f"{type(exc).__name__}: {exc}")
+                self._set_state(False, str(exc) if isinstance(exc, SinkDown) else f"{type(exc).__name__}: {exc}")
+                rejected = 0 if getattr(exc, "transient", False) else self._poison(first_no, delivered)
+                delivered += rejected
+                # a broker that accepts connections but drops every batch (packet size, ACL) is not hammered
+                self._stop.wait(self._backoff.next_delay_s())
+            else:
+                self._backoff.reset()  # only a delivery proves the broker works, not a connect
             self.backlog.remove_before(first_no + delivered)
             if delivered - rejected:
                 self.sent += delivered - rejected
                 self.metrics.sink_sent(self.label, delivered - rejected)
             if rejected:
-                self.dropped += rejected
+                self.rejected += rejected
                 self.metrics.sink_dropped(self.label, "rejected", rejected)
-        if self.connected:
+        if self.connected and time.monotonic() < self._flush_until_s + FLUSH_MARGIN_S / 2:
             self._disconnect(graceful=True)
+        else:
+            self._disconnect(graceful=False)
         if self.backlog:
             log.warning("sink %s: stopped with %d event(s) undelivered", self.label, len(self.backlog))
         self.connected = False
         self.metrics.sink_state(self.label, False)
 
+    def _poison(self, first_no: int, delivered: int) -> int:
+        """1 when the head event has now failed POISON_TRIES deliveries in a row (it is dropped as rejected), else 0."""
+        if delivered:
+            self._head_failures = (-1, 0)
+            return 0
+        no, tries = self._head_failures
+        tries = tries + 1 if no == first_no else 1
+        self._head_failures = (first_no, tries)
+        if tries < POISON_TRIES:
+            return 0
+        log.error("sink %s: dropping an event the broker refused %d times in a row", self.label, tries)
+        self._head_failures = (-1, 0)
+        return 1
+
     def signal_stop(self, flush_s: float) -> None:
         """Ask the thread to stop after delivering what waits, for at most flush_s while connected."""
         self._flush_until_s = time.monotonic() + max(0.0, flush_s - FLUSH_MARGIN_S)
         self._stop.set()
+
+    def join(self, timeout_s: float) -> bool:
+        """Wait for the thread; at its flush deadline, a network call still blocking (a frozen broker) is cut."""
+        t_end = time.monotonic() + timeout_s
+        super().join(max(0.0, min(t_end, self._flush_until_s + FLUSH_MARGIN_S / 2) - time.monotonic()))
+        if self.alive:
+            try:
+                self._interrupt()
+            except Exception:
+                pass
+            super().join(max(0.0, t_end - time.monotonic()))
+        return not self.alive
 
     def close(self, timeout_s: float) -> bool:
         """Stop: deliver what waits while connected (until shortly before timeout_s), then disconnect; True when the
@@ -235,8 +280,9 @@ class Sink(Worker):
 
 
 def sink_key(cfg, instance: str) -> str:
-    """What a running sink is built from: a reload with an equal key keeps it (its connection and backlog)."""
-    return f"{instance}|{cfg.model_dump_json()}"
+    """What a running sink is built from: a reload with an equal key keeps it (its connection and backlog). The
+    instance matters only to MQTT (its status topic and last will)."""
+    return f"{instance if cfg.kind == 'mqtt' else ''}|{cfg.model_dump_json()}"
 
 
 def build_sink(cfg, instance: str, metrics: NullMetrics = NullMetrics()) -> Sink:
