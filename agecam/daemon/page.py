@@ -1,4 +1,4 @@
-"""The preview page: every camera's live stream and its status, kept current from /healthz.
+"""The preview page: every camera's live stream and its status (and the sinks'), kept current from /healthz.
 
 The page holds no secret: with a token, the request that fetched it set an HttpOnly cookie, which the browser sends
 with the stream and /healthz requests the page makes (same origin).
@@ -21,6 +21,7 @@ img{{display:block;max-width:100%;width:640px;background:#000}}
 .state{{font-weight:bold}} .online,.ended{{color:#5c5}} .offline,.crashed,.down{{color:#e55}} .starting{{color:#ea3}}
 </style></head><body>
 <h1>agecam &mdash; live preview</h1>
+<p id="sinks"></p>
 <div class="cams">
 {figures}
 </div>
@@ -34,6 +35,9 @@ async function poll() {{
       const s = c.status;
       if (el) {{ el.textContent = s; el.className = 'state ' + s; }}
     }}
+    const sinks = Object.entries(j.sinks || {{}}).map(([n, k]) =>
+      n + ' ' + (k.connected ? 'connected' : 'down: ' + k.reason) + (k.backlog ? ' (' + k.backlog + ' waiting)' : ''));
+    document.getElementById('sinks').textContent = sinks.length ? 'sinks: ' + sinks.join(' \u00b7 ') : '';
   }} catch (e) {{}}
 }}
 setInterval(poll, 2000);
