@@ -140,6 +140,7 @@ def test_mqtt_sink_publishes_on_the_documented_topics_with_camera_status_retaine
     assert out.strip() == "shop/site-a/status offline"
 
 
+@pytest.mark.slow  # broker and reader kills with waits: seconds each
 def test_mqtt_sink_survives_broker_restarts_without_losing_queued_events_or_fds(mosquitto):
     # a fixed 2 s retry: a subscriber on the restarted broker is subscribed before the sink is back
     sink = MqttSink(MqttSinkConfig(kind="mqtt", url=mosquitto.url, reconnect_min_s=2, reconnect_max_s=2), "site-a")
@@ -204,6 +205,7 @@ def test_redis_sink_keeps_a_bounded_backlog_while_redis_is_down(redis_server):
         assert sink.close(3)
 
 
+@pytest.mark.slow  # broker and reader kills with waits: seconds each
 def test_consumer_group_reader_killed_and_restarted_loses_nothing_and_repeats_nothing_acknowledged(redis_server):
     sink = RedisSink(RedisSinkConfig(kind="redis", url=redis_server.url))
     sink.start()
