@@ -29,6 +29,7 @@ class MqttSink(Sink):
     publishes `offline` as our last will when the daemon vanishes)."""
 
     kind = "mqtt"
+    batch_size = 500  # per acknowledged batch: measured 2,200 events/s at 100, see bench/bench_sinks.py
 
     def __init__(self, cfg, instance: str, metrics: NullMetrics = NullMetrics()):
         super().__init__(cfg, metrics)
@@ -62,7 +63,6 @@ class MqttSink(Sink):
         where = f"{self._host}:{self._port}"
         try:
             c.connect(self._host, self._port, keepalive=self.cfg.keepalive_s)
-            c.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # events are small and each one counts
         except (OSError, ssl.SSLError) as exc:
             raise SinkDown(f"cannot connect to {where}: {getattr(exc, 'strerror', None) or exc}") from None
         self._client = c  # from here _interrupt() can cut a blocked wait
