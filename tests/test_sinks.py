@@ -354,3 +354,21 @@ def test_redis_out_of_memory_keeps_the_events_until_it_accepts_writes(redis_serv
         assert _stream_seqs(redis_server) == list(range(1, 21))
     finally:
         sink.close(2)
+
+
+def test_events_command_reads_a_broker_password_from_the_environment(redis_server):
+    # given a Redis that needs a password, and an event in the stream
+    redis_server.cli("CONFIG", "SET", "requirepass", "canary-cli-pw-3318")
+    redis = need_module("redis")
+    r = redis.Redis(port=redis_server.port, password="canary-cli-pw-3318")
+    r.xadd("agecam:events", {"event": _status(EventFactory(instance="site-a"))[1]})
+    r.close()
+    cmd = agecam_cmd() + ["events", "--connect", redis_server.url, "--group", "cli", "--count", "1", "--timeout", "10",
+                          "--password-env", "BROKER_PW"]
+    # when `agecam events` gets it from --password-env (never on its command line)
+    ok = subprocess.run(cmd, capture_output=True, text=True, timeout=60,
+                        env=dict(os.environ, BROKER_PW="canary-cli-pw-3318"))
+    unset = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=dict(os.environ))
+    # then it reads the event; without the variable it refuses, naming it
+    assert ok.returncode == 0 and json.loads(ok.stdout)["instance"] == "site-a", ok.stderr
+    assert unset.returncode == 2 and "BROKER_PW is not set" in unset.stderr
