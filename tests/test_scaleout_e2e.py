@@ -41,10 +41,14 @@ def test_two_instances_reach_mqtt_and_redis_and_survive_a_broker_restart(models_
                                                                            redis_server):
     redis = need_module("redis")
     metrics_ports = [free_port(), free_port()]
+    preview_port = free_port()
     daemons = []
     for instance, port in zip(INSTANCES, metrics_ports):
         (tmp_path / instance).mkdir()
-        daemons.append(Daemon(tmp_path / instance, _config(models_dir, instance, mosquitto, redis_server, port)))
+        cfg = _config(models_dir, instance, mosquitto, redis_server, port)
+        if instance == "site-a":
+            cfg["preview"] = {"bind": f"127.0.0.1:{preview_port}"}
+        daemons.append(Daemon(tmp_path / instance, cfg))
     try:
         for d in daemons:
             d.wait_ready()
@@ -67,6 +71,13 @@ def test_two_instances_reach_mqtt_and_redis_and_survive_a_broker_restart(models_
         mosquitto.kill()
         wait_for(lambda: all(b"agecam_sink_connected{sink=\"mqtt\"} 0.0" in http_get(
             f"http://127.0.0.1:{p}/metrics")[1] for p in metrics_ports), 20, "both mqtt sinks reported down")
+        # /healthz says which sink is down and why, and calls the daemon degraded (the cameras are fine)
+        code, body = http_get(f"http://127.0.0.1:{preview_port}/healthz")
+        health = json.loads(body)
+        assert code == 503 and health["status"] == "degraded", health
+        assert health["sinks"]["mqtt"]["connected"] is False and health["sinks"]["mqtt"]["reason"], health["sinks"]
+        assert health["sinks"]["redis"]["connected"] is True
+        assert all(c["status"] == "online" for c in health["cameras"].values())
         time.sleep(3)
         assert all(d.proc.poll() is None for d in daemons)
         restarted_s = time.monotonic()
@@ -79,6 +90,7 @@ def test_two_instances_reach_mqtt_and_redis_and_survive_a_broker_restart(models_
         print(f"mqtt events from both instances {resume_s:.2f} s after the broker restarted")
         wait_for(lambda: all(b"agecam_sink_connected{sink=\"mqtt\"} 1.0" in http_get(
             f"http://127.0.0.1:{p}/metrics")[1] for p in metrics_ports), 20, "both mqtt sinks reported up")
+        assert json.loads(http_get(f"http://127.0.0.1:{preview_port}/healthz")[1])["status"] == "ok"
         assert all(d.proc.poll() is None for d in daemons)
     finally:
         codes = [d.stop() for d in daemons]
