@@ -247,15 +247,15 @@ class RuntimeConfig(_Section):
                           "every event and MQTT topic, so many hosts' cameras stay apart; default: the host name.")
     models_dir: Path = Field(DEFAULT_MODELS_DIR, description="Where `agecam models fetch` puts the default models.")
     providers: list[Literal["CUDAExecutionProvider", "CPUExecutionProvider", "TensorrtExecutionProvider"]] = Field(
-        default_factory=lambda: ["CPUExecutionProvider"],
-        description="onnxruntime execution providers in order of preference.",
-    )
+        default_factory=lambda: ["CPUExecutionProvider"], description="onnxruntime execution providers, preferred first.")
     intra_op_threads: int = Field(0, ge=0, le=64, description="Threads per inference call; 0 lets onnxruntime choose (all cores).")
+    onnx_memory_arena: StrictBool = Field(True, description="onnxruntime's CPU memory arena per model: ~12 % less "
+                                          "detection CPU, but it keeps the peak of every input shape seen (~110 MB "
+                                          "more RSS with 4 cameras, grown in steps). false for memory-tight boxes.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log verbosity.")
     log_format: Literal["text", "json"] = Field("text", description="text suits journald; json writes one object per line.")
-    heartbeat_timeout_s: float = Field(
-        10.0, gt=0, le=600, description="A pipeline that has not completed a loop for this long stops the systemd watchdog pings."
-    )
+    heartbeat_timeout_s: float = Field(10.0, gt=0, le=600, description="A pipeline that has not completed a loop for "
+                                       "this long stops the systemd watchdog pings.")
 
 
 class Config(BaseModel):

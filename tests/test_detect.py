@@ -54,6 +54,20 @@ def test_mtcnn_finds_the_six_faces_of_t1(mtcnn, t1_bgr):
     check_landmarks(d, "t1.jpg")
 
 
+@pytest.mark.parametrize("arena", [True, False])
+def test_memory_arena_setting_reaches_every_session_and_finds_the_same_faces(default_models, t1_bgr, arena):
+    # given runtime.onnx_memory_arena, when the detector and the age model are built
+    from agecam.daemon.age import AgeModel
+
+    rt = RuntimeConfig(intra_op_threads=1, onnx_memory_arena=arena)
+    det = build_detector(DetectorConfig(), rt, default_models)
+    age = AgeModel(default_models.age, rt, models=default_models)
+    # then each of their sessions runs with it, and detection does not depend on it
+    for sess in (det.pnet, det.rnet, det.onet, age.session):
+        assert sess.get_session_options().enable_cpu_mem_arena is arena
+    assert len(det.detect(t1_bgr)) == 6
+
+
 def test_mtcnn_finds_the_astronaut(default_models, astronaut_bgr):
     # given the default minimum face size of 20 px
     det = build_detector(DetectorConfig(min_face_px=20), RUNTIME, default_models)

@@ -63,6 +63,7 @@ class AgeModel:
         self.spec = read_spec(self.path)
         so = ort.SessionOptions()
         so.intra_op_num_threads = runtime.intra_op_threads
+        so.enable_cpu_mem_arena = runtime.onnx_memory_arena
         self.session = ort.InferenceSession(str(self.path), so, providers=list(runtime.providers))
         self._check_session()
         s = self.spec

@@ -45,6 +45,7 @@ def load_session(path: Path, runtime: RuntimeConfig, what: str):
     opts.log_severity_level = 3
     # no busy-waiting: several camera threads share few cores, and spinning workers steal them (measured 1.5-2x)
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.enable_cpu_mem_arena = runtime.onnx_memory_arena
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=list(runtime.providers))
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types

@@ -128,13 +128,14 @@ def _detector_key(cfg: Config) -> tuple:
     """What the detector object is built from; equal keys let a reload keep the loaded detector."""
     r = cfg.runtime
     return (cfg.detector.model_dump_json(), _file_key(cfg.detector.model), str(r.models_dir), tuple(r.providers),
-            r.intra_op_threads)
+            r.intra_op_threads, r.onnx_memory_arena)
 
 
 def _age_key(cfg: Config) -> tuple:
     """What the age model object is built from (the model, its landmarks mode, the runtime)."""
     r = cfg.runtime
-    return (_file_key(cfg.age.model), cfg.age.landmarks, str(r.models_dir), tuple(r.providers), r.intra_op_threads)
+    return (_file_key(cfg.age.model), cfg.age.landmarks, str(r.models_dir), tuple(r.providers), r.intra_op_threads,
+            r.onnx_memory_arena)
 
 
 def _reload(app: App, path: Path, notifier, terminate: threading.Event | None = None) -> App | None:
