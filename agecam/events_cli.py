@@ -65,7 +65,7 @@ def events_command(args) -> int:
         print(f"agecam events: {secret_free(str(exc))}", file=sys.stderr)
         return exits.USAGE
     seen = 0
-    printed = True  # the event handed out last reached stdout: only then is it acknowledged (Redis groups)
+    printed_id = None  # the entry printed last: only that one is acknowledged at the end (Redis groups)
     try:
         while not args.count or seen < args.count:
             try:
@@ -73,13 +73,12 @@ def events_command(args) -> int:
             except TimeoutError:
                 print(f"no event for {args.timeout:g} s from {secret_free(args.connect)}", file=sys.stderr)
                 return exits.NO_EVENTS
-            printed = False
             sys.stdout.write(event.to_json() + "\n")
             sys.stdout.flush()
-            printed = True
+            printed_id = getattr(sub, "last_id", None)
             seen += 1
     except (KeyboardInterrupt, BrokenPipeError):
         pass
-    finally:
-        sub.close(ack_last=printed)
+    finally:  # an entry handed out but interrupted before it was printed stays pending, for the next start
+        sub.close(ack_last=getattr(sub, "last_id", None) == printed_id)
     return exits.OK

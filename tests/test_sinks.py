@@ -372,3 +372,26 @@ def test_events_command_reads_a_broker_password_from_the_environment(redis_serve
     # then it reads the event; without the variable it refuses, naming it
     assert ok.returncode == 0 and json.loads(ok.stdout)["instance"] == "site-a", ok.stderr
     assert unset.returncode == 2 and "BROKER_PW is not set" in unset.stderr
+
+
+@pytest.mark.slow  # six broker restarts
+def test_outages_while_idle_blame_no_event(mosquitto):
+    sink = MqttSink(MqttSinkConfig(kind="mqtt", url=mosquitto.url, reconnect_min_s=0.1, reconnect_max_s=2), "site-a")
+    sink.start()
+    f = EventFactory(instance="site-a")
+    try:
+        wait_for(lambda: sink.connected, 10, "the sink to connect")
+        sink.submit(*_status(f))
+        wait_for(lambda: sink.sent == 1, 10, "the first event delivered")
+        # given more broker restarts than the poison limit, each noticed while the sink has nothing to send
+        for _ in range(6):
+            mosquitto.kill()
+            wait_for(lambda: not sink.connected, 10, "the sink to notice")
+            mosquitto.start()
+            wait_for(lambda: sink.connected, 10, "the sink back")
+        # when an event comes now, it is delivered: no outage counted against it
+        sink.submit(*_status(f, "door", "offline"))
+        wait_for(lambda: sink.sent == 2, 10, "the event after the outages delivered")
+        assert sink.rejected == 0
+    finally:
+        sink.close(2)

@@ -55,15 +55,21 @@ class RedisSubscription(Subscription):
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+        self._group_ready = True
         cursor = "0-0"
         while True:  # take over what dead or renamed consumers left pending; read below as this consumer's own
-            cursor, claimed, *_ = self._r.xautoclaim(self.stream, self.group, self.consumer, self._claim_idle_ms,
-                                                     start_id=cursor, count=100)
+            try:
+                cursor, claimed, *_ = self._r.xautoclaim(self.stream, self.group, self.consumer, self._claim_idle_ms,
+                                                         start_id=cursor, count=100)
+            except redis.ResponseError as exc:
+                if "unknown command" not in str(exc).lower():
+                    raise
+                log.warning("redis: XAUTOCLAIM needs Redis 6.2 or later; entries of dead consumers are not claimed")
+                return
             if claimed:
                 log.info("redis: claimed %d entries left pending by other consumers of %s", len(claimed), self.group)
             if cursor in ("0-0", b"0-0"):
                 break
-        self._group_ready = True
 
     def ack(self) -> None:
         """Acknowledge the entry handed out last (done for you on the next call and on close)."""
@@ -93,12 +99,12 @@ class RedisSubscription(Subscription):
 
     def _receive(self, timeout_s: float | None) -> bytes | None:
         block_ms = BLOCK_SLICE_MS if timeout_s is None else max(1, min(BLOCK_SLICE_MS, int(timeout_s * 1000)))
+        if time.monotonic() < self._retry_at_s:  # Redis was away: wait before trying anything again
+            time.sleep(min(block_ms / 1000, self._retry_at_s - time.monotonic()))
+            return None
         try:
             self.ack()
             if not self._buffer:
-                if time.monotonic() < self._retry_at_s:
-                    time.sleep(block_ms / 1000)
-                    return None
                 self._ensure_group()
                 self._buffer.extend(self._read(block_ms))
         except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import time
 
 import redis
@@ -44,12 +45,13 @@ class RedisSink(Sink):
         if self.cfg.url.startswith("rediss://") and self.cfg.ca_file:
             kw["ssl_ca_certs"] = str(self.cfg.ca_file)
         client = redis.Redis.from_url(self.cfg.url, **kw)
+        self._redis = client  # from here _interrupt() can cut a blocked PING
         try:
             client.ping()
         except redis.RedisError as exc:
+            self._redis = None
             client.close()
             raise SinkDown(_why(exc)) from None
-        self._redis = client
         self._last_ok_s = time.monotonic()
 
     def _deliver(self, batch: list) -> tuple[int, int]:
@@ -81,9 +83,16 @@ class RedisSink(Sink):
         self.backlog.wait(timeout_s)
 
     def _interrupt(self) -> None:
+        """Shut the sockets down (never close them from this thread): the blocked read fails, the sink thread closes."""
         client = self._redis
-        if client is not None:
-            client.connection_pool.disconnect(inuse_connections=True)  # a blocked read fails at once
+        pool = getattr(client, "connection_pool", None)
+        for conn in list(getattr(pool, "_in_use_connections", ())) + list(getattr(pool, "_available_connections", ())):
+            sock = getattr(conn, "_sock", None)
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def _disconnect(self, graceful: bool) -> None:
         client, self._redis = self._redis, None

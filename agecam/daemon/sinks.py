@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.05  # an idle sink looks for new events (and services its connection) this often
 FLUSH_MARGIN_S = 0.6  # on close, the flush ends this long before the caller's deadline (a polite disconnect fits)
+STABLE_AFTER_S = 5.0  # a connection up this long resets the reconnect backoff (a connect alone proves little)
 POISON_TRIES = 5  # a head event whose batch failed this often in a row, with nothing delivered, is dropped (rejected)
 
 
@@ -124,6 +125,7 @@ class Sink(Worker):
         self.sent = 0
         self.rejected = 0
         self._head_failures = (-1, 0)  # (number of the head event, failed deliveries of it in a row)
+        self._connected_at_s = 0.0
 
     @property
     def dropped(self) -> int:
@@ -203,28 +205,30 @@ class Sink(Worker):
                 try:
                     self._connect()
                 except Exception as exc:  # SinkDown, or a client library's surprise: never end the thread
-                    self._set_state(False, str(exc) if isinstance(exc, SinkDown) else f"{type(exc).__name__}: {exc}")
-                    self._stop.wait(self._backoff.next_delay_s())
+                    self._lost(exc)
                     continue
                 self._set_state(True, "")
+                self._connected_at_s = time.monotonic()
+            elif time.monotonic() - self._connected_at_s >= STABLE_AFTER_S:
+                self._backoff.reset()  # up long enough: the next outage starts from the shortest delay again
             first_no, batch = self.backlog.head(self.batch_size)
-            try:
-                if not batch:
+            if not batch:
+                try:
                     self._idle(IDLE_WAIT_S)
-                    continue
+                except Exception as exc:  # lost while idle: no event is to blame
+                    self._lost(exc)
+                continue
+            try:
                 delivered, rejected = self._deliver(batch)
             except Exception as exc:
-                delivered, rejected = (exc.delivered, 0) if isinstance(exc, SinkDown) else (0, 0)
-                if not isinstance(exc, SinkDown):
-                    log.exception("sink %s: delivery failed", self.label)
-                self._disconnect(graceful=False)
-                self._set_state(False, str(exc) if isinstance(exc, SinkDown) else f"{type(exc).__name__}: {exc}")
+                delivered = exc.delivered if isinstance(exc, SinkDown) else 0
+                # an event refused again and again is dropped; a broker saying "not now" blames no event
                 rejected = 0 if getattr(exc, "transient", False) else self._poison(first_no, delivered)
                 delivered += rejected
-                # a broker that accepts connections but drops every batch (packet size, ACL) is not hammered
-                self._stop.wait(self._backoff.next_delay_s())
+                self._lost(exc)  # backs off: a broker that drops every batch (packet size, ACL) is not hammered
             else:
-                self._backoff.reset()  # only a delivery proves the broker works, not a connect
+                self._head_failures = (-1, 0)
+                self._backoff.reset()
             self.backlog.remove_before(first_no + delivered)
             if delivered - rejected:
                 self.sent += delivered - rejected
@@ -240,6 +244,14 @@ class Sink(Worker):
             log.warning("sink %s: stopped with %d event(s) undelivered", self.label, len(self.backlog))
         self.connected = False
         self.metrics.sink_state(self.label, False)
+
+    def _lost(self, exc: Exception) -> None:
+        """The connection failed or broke: close it, say why, and wait the next backoff delay (or until stopped)."""
+        if not isinstance(exc, SinkDown) and not self._stop.is_set():  # at stop, a cut socket may raise anything
+            log.error("sink %s: unexpected %s", self.label, type(exc).__name__, exc_info=exc)
+        self._disconnect(graceful=False)
+        self._set_state(False, str(exc) if isinstance(exc, SinkDown) else f"{type(exc).__name__}: {exc}")
+        self._stop.wait(self._backoff.next_delay_s())
 
     def _poison(self, first_no: int, delivered: int) -> int:
         """1 when the head event has now failed POISON_TRIES deliveries in a row (it is dropped as rejected), else 0."""
