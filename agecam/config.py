@@ -249,8 +249,8 @@ class RuntimeConfig(_Section):
     providers: list[Literal["CUDAExecutionProvider", "CPUExecutionProvider", "TensorrtExecutionProvider"]] = Field(
         default_factory=lambda: ["CPUExecutionProvider"], description="onnxruntime execution providers, preferred first.")
     intra_op_threads: int = Field(0, ge=0, le=64, description="Threads per inference call; 0 lets onnxruntime choose (all cores).")
-    onnx_memory_arena: StrictBool = Field(True, description="onnxruntime's CPU memory arena per model: ~12 % less "
-                                          "detection CPU, but it keeps the peak of every input shape seen (~110 MB "
+    onnx_memory_arena: StrictBool = Field(True, description="onnxruntime's CPU memory arena per model: ~11 % less "
+                                          "detection CPU, but it keeps the peak of every input shape seen (~130 MB "
                                           "more RSS with 4 cameras, grown in steps). false for memory-tight boxes.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log verbosity.")
     log_format: Literal["text", "json"] = Field("text", description="text suits journald; json writes one object per line.")
