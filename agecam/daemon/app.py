@@ -1,6 +1,7 @@
 """Builds every component from the Config, starts and stops them: the only wiring site."""
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -157,8 +158,6 @@ class App:
         """Hand one event to the ZeroMQ publisher and every sink, never blocking (each has its own bounded queue)."""
         self.publisher.submit(event)
         if self.sinks:
-            import json
-
             payload = json.dumps(event, separators=(",", ":")).encode()
             for sink in self.sinks.values():
                 sink.submit(event, payload)
