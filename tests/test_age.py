@@ -153,3 +153,5 @@ def test_quality_ranks_good_over_poor_crops():
     assert good > 0.6, f"a sharp, frontal 100-px face should score high, got {good:.2f}"
     for label, q in [("blurred", blurred), ("small", small), ("profile", profile), ("weak detection", weak)]:
         assert q < good * 0.7, f"{label} crop scored {q:.2f}, not clearly below the good crop's {good:.2f}"
+    # and a profile is weak but not vetoed: it is a person to age (last, from its best crop, with a wide interval)
+    assert 0 < profile <= 0.1, f"a sharp profile should keep a small weight, got {profile:.3f}"

@@ -13,7 +13,7 @@ from agecam.config import CameraConfig
 from agecam.daemon.slot import LatestSlot
 from agecam.daemon.backoff import Backoff
 from agecam.daemon.sources import SourceError, SourceUnreachable, source_kind
-from tests.helpers import wait_for
+from tests.helpers import RecordingSlot, wait_for
 from tests.media import frame_level, make_numbered_avi
 
 FPS = 20.0
@@ -349,3 +349,63 @@ def test_backoff_jitter_only_lengthens_and_spreads_delays():
     for d in (da, db):
         assert all(base <= x <= base * 1.2 for x, base in zip(d, [1, 2, 4, 8, 8])), d
     assert da != db, "two cameras retried in lockstep"
+
+
+class CountingReader:
+    """A split (grab/retrieve) source that counts how many frames it was asked to convert."""
+
+    frame_interval_s = 0.02
+
+    def __init__(self):
+        self.grabbed = self.retrieved = 0
+
+    def grab(self):
+        self.grabbed += 1
+        return True
+
+    def retrieve(self):
+        self.retrieved += 1
+        return np.full((8, 8, 3), self.grabbed % 256, np.uint8), None
+
+    def close(self):
+        pass
+
+
+def test_frames_the_pipeline_does_not_want_are_grabbed_but_never_converted(run_capture):
+    # given a slot whose taker wants no frame for the next 0.5 s
+    slot = RecordingSlot()
+    slot.wanted_from_s = time.time() + 0.5
+    reader = CountingReader()
+    cap, slot, statuses, _ = run_capture(cam(), open_fn=lambda c: reader, slot=slot)
+    # when the source runs for a while
+    statuses.wait_for("online", 5)
+    wait_for(lambda: len(slot.frames) >= 5, 10, "frames after the wanted time")
+    # then frames arrived all along (the camera is online and alive) but the unwanted ones were not converted
+    assert cap.frames_unwanted >= 10, f"expected ~25 unwanted frames in 0.5 s at 50 fps, got {cap.frames_unwanted}"
+    assert reader.retrieved == len(slot.frames) <= reader.grabbed - cap.frames_unwanted, \
+        f"converted {reader.retrieved} frames, delivered {len(slot.frames)}, grabbed {reader.grabbed}"
+    # and frame ids number every frame the source gave, so the first delivered one says how many were skipped
+    first = slot.frames[0].frame_id
+    assert first >= cap.frames_unwanted - 1, f"first delivered frame id {first}, {cap.frames_unwanted} skipped"
+    ids = [f.frame_id for f in slot.frames[:5]]
+    assert ids == list(range(ids[0], ids[0] + 5)), f"wanted frames should follow each other: {ids}"
+
+
+def test_a_file_read_in_grab_and_retrieve_steps_skips_frames_and_loops(tmp_path):
+    # given a real 12-frame video file opened as a looping camera would open it
+    from agecam.daemon.sources import open_file
+
+    reader = open_file(cam(str(make_numbered_avi(N_FRAMES, FPS)), loop=True))
+    try:
+        # when every other frame is grabbed without being converted, over two passes of the file
+        levels = []
+        for i in range(2 * N_FRAMES):
+            assert reader.grab() is True, f"grab {i} failed"
+            if i % 2 == 0:
+                image, _ = reader.retrieve()
+                levels.append(int(round(image.mean())))
+        # then the converted frames are exactly the even ones of each pass (the loop restarted the file)
+        want = [frame_level(i % N_FRAMES) for i in range(0, 2 * N_FRAMES, 2)]
+        assert all(abs(a - b) <= 6 for a, b in zip(levels, want)), f"got levels {levels}, expected {want}"
+    finally:
+        reader.close()

@@ -3,6 +3,7 @@
 CaptureThread counters, read by the metrics layer and health page as plain attributes:
   frames_captured  frames put into the slot            frames_skipped   frames skipped by max_fps
   frames_dropped   slot overwrites + max_fps skips     reconnects       reopen attempts after the first open
+  frames_unwanted  frames the pipeline did not ask for (see LatestSlot.wants): decoded, never converted
   status, reason   last reported state ('online'|'offline'|'ended'|None before the first report)
 """
 from __future__ import annotations
@@ -79,6 +80,7 @@ class CaptureThread(Worker):
         self.reason = ""
         self.frames_captured = 0
         self.frames_skipped = 0
+        self.frames_unwanted = 0
         self.frames_dropped = 0
         self.reconnects = 0
         self._next_frame_id = 0
@@ -198,21 +200,18 @@ class CaptureThread(Worker):
             reader = self.open_fn(self.cam)
             s.opened_mono = time.monotonic()
             interval_s = getattr(reader, "frame_interval_s", None)
+            split = hasattr(reader, "grab") and hasattr(reader, "retrieve")  # can skip decoding unwanted frames
             next_due: float | None = None
             while not (self.stop_event.is_set() or s.cancel.is_set()):
                 t_read = time.monotonic()
-                got = reader.read()
+                got = reader.grab() if split else reader.read()
                 if time.monotonic() - t_read >= self.cam.read_timeout_s:
                     # a read that outlasted the watchdog returns a stale frame (FFmpeg flushes its decoder after
                     # its own read timeout): the source stalled, whatever came back
                     outcome = ("failed", f"no frame for {self.cam.read_timeout_s:g} s")
                     break
-                if got is None:
+                if got is None or got is False:
                     outcome = ("failed", "read failed")
-                    break
-                image, truth = got if isinstance(got, tuple) else (got, None)
-                if image is None or getattr(image, "size", 0) == 0:
-                    outcome = ("failed", "read failed (empty image)")
                     break
                 if interval_s:
                     now = time.monotonic()
@@ -223,7 +222,19 @@ class CaptureThread(Worker):
                     next_due += interval_s
                 if s.cancel.is_set():
                     break
-                self._deliver(s, image, truth)
+                self._arrived(s)
+                if not self._wanted():
+                    continue  # nobody needs this frame: with a split reader it is not even converted
+                if split:
+                    got = reader.retrieve()
+                    if got is None:
+                        outcome = ("failed", "read failed (no image after a frame was grabbed)")
+                        break
+                image, truth = got if isinstance(got, tuple) else (got, None)
+                if image is None or getattr(image, "size", 0) == 0:
+                    outcome = ("failed", "read failed (empty image)")
+                    break
+                self._deliver(image, truth)
         except SourceEnded as exc:
             outcome = ("ended", str(exc) or "end of source")
         except SourceUnreachable as exc:
@@ -242,27 +253,38 @@ class CaptureThread(Worker):
             s.outcome = (outcome[0], secret_free(outcome[1]))
             s.done.put_nowait(True)
 
-    def _deliver(self, s: _Session, image: np.ndarray, truth) -> None:
+    def _arrived(self, s: _Session) -> None:
+        """A frame came from the source (wanted or not): the camera is alive."""
         now_mono = time.monotonic()
         s.last_frame_mono = now_mono
         s.frames += 1
+        self._next_frame_id += 1
         if s.frames == 1:
             s.first_frame_mono = now_mono
             self._set_status("online", "", session=s)
-        if self.cam.max_fps:
-            period_s = 1.0 / self.cam.max_fps
-            if now_mono < self._next_emit_mono - 0.2 * period_s:
-                self.frames_skipped += 1
-                self.frames_dropped += 1
-                return
-            self._next_emit_mono = max(self._next_emit_mono + period_s, now_mono)
-        frame = Frame(image=image, frame_id=self._next_frame_id, ts=time.time(), camera=self.cam.name, truth=truth)
-        self._next_frame_id += 1
-        if self.slot.put(frame):
-            self.frames_dropped += 1
-        self.frames_captured += 1
         if self.on_frame is not None:
             try:
                 self.on_frame(self.cam.name)
             except Exception:
                 log.exception("camera %s: frame callback failed", self.cam.name)
+
+    def _wanted(self) -> bool:
+        """Whether the frame that just arrived goes to the pipeline: within max_fps, and wanted by the slot's taker."""
+        if self.cam.max_fps:
+            now_mono = time.monotonic()
+            period_s = 1.0 / self.cam.max_fps
+            if now_mono < self._next_emit_mono - 0.2 * period_s:
+                self.frames_skipped += 1
+                self.frames_dropped += 1
+                return False
+            self._next_emit_mono = max(self._next_emit_mono + period_s, now_mono)
+        if not self.slot.wants(time.time()):
+            self.frames_unwanted += 1
+            return False
+        return True
+
+    def _deliver(self, image: np.ndarray, truth) -> None:
+        frame = Frame(image=image, frame_id=self._next_frame_id - 1, ts=time.time(), camera=self.cam.name, truth=truth)
+        if self.slot.put(frame):
+            self.frames_dropped += 1
+        self.frames_captured += 1

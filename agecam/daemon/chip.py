@@ -92,6 +92,12 @@ def make_chip(image: np.ndarray, landmarks_xy: np.ndarray, template_unit: np.nda
 
 # ---- quality ---------------------------------------------------------------------------------------------------
 
+# A strongly turned face (nose over an eye) keeps this much of its weight rather than none: it is still a person to
+# age, and the gate's fallback ages it from its best crop with a wide interval (FALLBACK_MIN_STD_YEARS) when nothing
+# better comes. Measured on the bench scene: one head seen in three-quarter view for 5 s was never aged with a veto.
+TURNED_FLOOR = 0.05
+
+
 def _ramp(x: float, lo: float, hi: float) -> float:
     """0 at or below lo, 1 at or above hi, linear between."""
     return float(min(1.0, max(0.0, (x - lo) / (hi - lo))))
@@ -123,7 +129,8 @@ def chip_quality(image_bgr: np.ndarray, box_xyxy, landmarks5, det_score: float, 
     """A 0..1 weight for one face crop: the product of size, sharpness, frontal pose and detector-score factors.
 
     Each factor is 1 for a good crop and falls to 0 at a limit (a face `min_size_px` wide, a flat Laplacian, the
-    nose over an eye or the eyes tilted `max_roll_deg`, a score of 0.5), so any single defect can veto a sample.
+    eyes tilted `max_roll_deg`, a score of 0.5), so any single defect can veto a sample; a turned face (the nose at or
+    beyond `max_yaw_offset`) keeps TURNED_FLOOR instead, so it is aged, though last and weakly.
     """
     x1, y1, x2, y2 = (float(v) for v in box_xyxy)
     side_px = min(x2 - x1, y2 - y1)
@@ -138,6 +145,7 @@ def chip_quality(image_bgr: np.ndarray, box_xyxy, landmarks5, det_score: float, 
     gray = cv2.cvtColor(face, cv2.COLOR_BGR2GRAY) if face.ndim == 3 else face
     sharp_f = min(1.0, sharpness(gray) / sharp_full) ** 0.5
     yaw_offset, roll_deg = pose_scores(landmarks5)
-    pose_f = _ramp(max_yaw_offset - yaw_offset, 0.0, max_yaw_offset) * _ramp(max_roll_deg - roll_deg, 0.0, max_roll_deg / 2)
+    yaw_f = max(TURNED_FLOOR, _ramp(max_yaw_offset - yaw_offset, 0.0, max_yaw_offset))
+    pose_f = yaw_f * _ramp(max_roll_deg - roll_deg, 0.0, max_roll_deg / 2)
     det_f = _ramp(float(det_score), 0.5, 0.9)
     return float(size_f * sharp_f * pose_f * det_f)

@@ -25,8 +25,13 @@ class FaceDetector(Protocol):
         """Faces in the whole image (boxes, scores, 5 landmarks) in the image's pixel coordinates."""
         ...
 
-    def detect_regions(self, image_bgr: np.ndarray, rois_xyxy: np.ndarray) -> Detections:
-        """Faces near the given expected face boxes only (e.g. predicted track boxes), in image coordinates."""
+    def detect_regions(self, image_bgr: np.ndarray, rois_xyxy: np.ndarray,
+                       scan_missed: np.ndarray | None = None) -> Detections:
+        """Faces near the given expected face boxes only (e.g. predicted track boxes), in image coordinates.
+
+        scan_missed (N,) bool: where a detector has a light check (MTCNN's O-Net on the box itself), whether a box
+        the check misses is searched around more widely; None searches around every box it misses.
+        """
         ...
 
 

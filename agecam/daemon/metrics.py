@@ -23,6 +23,7 @@ DROP_STAGES = ("capture", "age", "preview", "record")
 EVENT_TYPES = ("track.start", "track.update", "track.end", "camera.status")
 DROP_REASONS = ("queue_full", "send_error")  # per-subscriber HWM drops are invisible to PUB: seq gaps show them
 SINK_DROP_REASONS = ("backlog_full", "rejected")  # oldest dropped from a full backlog; refused by the broker
+DETECTOR_RUNS = ("full", "tracks", "motion")  # whole frame; around tracked faces; on changed regions
 
 _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _EVENT_LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -41,8 +42,12 @@ class NullMetrics:
     def frame_dropped(self, camera: str, stage: str) -> None:
         """A frame (or face) was skipped at `stage` (one of DROP_STAGES)."""
 
-    def frame_processed(self, camera: str, faces: int, wait_s: float, detect_s: float, track_s: float) -> None:
-        """A frame went through detection and tracking."""
+    def detector_run(self, camera: str, kind: str) -> None:
+        """The detector ran on a frame: kind is one of DETECTOR_RUNS."""
+
+    def frame_processed(self, camera: str, faces: int, wait_s: float, detect_s: float | None,
+                        track_s: float | None) -> None:
+        """A frame went through the pipeline; detect_s and track_s are None when no detector ran on it."""
 
     def stage_time(self, stage: str, seconds: float) -> None:
         """Time spent in one stage (one of STAGES)."""
@@ -122,6 +127,10 @@ class Metrics(NullMetrics):
             ["stage"], buckets=_LATENCY_BUCKETS_S, registry=r)
         self.faces_detected_total = Counter(
             "agecam_faces_detected_total", "Faces returned by the detector.", ["camera"], registry=r)
+        self.detector_runs_total = Counter(
+            "agecam_detector_runs_total", "Detector runs: full = the whole frame (the safety net); tracks = around "
+            "tracked faces (between runs they follow their predicted motion); motion = on regions that changed.",
+            ["camera", "kind"], registry=r)
         self.age_samples_total = Counter(
             "agecam_age_samples_total", "Face crops run through the age model.", ["camera"], registry=r)
         self.age_batch_size = Histogram(
@@ -180,17 +189,25 @@ class Metrics(NullMetrics):
     def frame_captured(self, camera: str) -> None:
         self.frames_captured_total.labels(camera=camera).inc()
 
+    def detector_run(self, camera: str, kind: str) -> None:
+        if kind not in DETECTOR_RUNS:
+            raise KeyError(f"detector run {kind!r} is not one of {DETECTOR_RUNS}")
+        self.detector_runs_total.labels(camera=camera, kind=kind).inc()
+
     def frame_dropped(self, camera: str, stage: str) -> None:
         if stage not in DROP_STAGES:
             raise KeyError(f"drop stage {stage!r} is not one of {DROP_STAGES}")
         self.frames_dropped_total.labels(camera=camera, stage=stage).inc()
 
-    def frame_processed(self, camera: str, faces: int, wait_s: float, detect_s: float, track_s: float) -> None:
+    def frame_processed(self, camera: str, faces: int, wait_s: float, detect_s: float | None,
+                        track_s: float | None) -> None:
         self.frames_processed_total.labels(camera=camera).inc()
         self.faces_detected_total.labels(camera=camera).inc(faces)
         self._stage["wait"].observe(max(0.0, wait_s))
-        self._stage["detect"].observe(detect_s)
-        self._stage["track"].observe(track_s)
+        if detect_s is not None:  # None: no detector ran on this frame (the tracks followed their prediction)
+            self._stage["detect"].observe(detect_s)
+        if track_s is not None:
+            self._stage["track"].observe(track_s)
 
     def stage_time(self, stage: str, seconds: float) -> None:
         self._stage[stage].observe(seconds)
@@ -266,6 +283,8 @@ class Metrics(NullMetrics):
                 self.frames_dropped_total.labels(camera=cam, stage=stage)
             for reason in UNAGED_REASONS:
                 self.tracks_unaged_total.labels(camera=cam, reason=reason)
+            for kind in DETECTOR_RUNS:
+                self.detector_runs_total.labels(camera=cam, kind=kind)
 
     def set_model_info(self, *, detector_kind: str, detector_model: str, age_model: str, age_version: str,
                        age_sha256: str) -> None:

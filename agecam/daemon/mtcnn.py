@@ -23,9 +23,10 @@ class MtcnnDetector:
     R-Net and O-Net each run once per call on every candidate.
 
     `detect_regions(image, rois_xyxy)` searches only near expected face boxes (e.g. predicted track boxes):
-      1. every ROI, made square, is given straight to O-Net (twice: the second pass on the first pass's regressed
-         box). A face still there is confirmed at a cost of two 48x48 O-Net crops;
-      2. ROIs O-Net rejects are searched properly: a square `region_context` times the ROI side around it is scanned
+      1. every ROI, made square, is given straight to O-Net; where its regressed box moved off the crop (IoU below
+         `aligned_iou`), a second pass runs on that box. A face still there is confirmed at a cost of one or two
+         48x48 O-Net crops;
+      2. ROIs O-Net rejects (those `scan_missed` allows) are searched properly: a square `region_context` times the ROI side around it is scanned
          by P-Net for faces from 1/`region_span` to `region_span` times the ROI side (never below min_face_px);
          since every square is resized to the same few sizes, P-Net runs once per relative scale for all ROIs,
          then R-Net and O-Net once over all candidates.
@@ -37,6 +38,7 @@ class MtcnnDetector:
     factor = 0.709
     region_context = 2.0
     region_span = 2.0
+    aligned_iou = 0.85  # O-Net's regressed box this close to its crop: the crop was aligned, no second pass
 
     def __init__(self, pnet: Path, rnet: Path, onet: Path, runtime: RuntimeConfig, min_face_px: int = 20,
                  score_threshold: float = 0.7):
@@ -75,23 +77,31 @@ class MtcnnDetector:
             minl *= self.factor
         return self._refine(_octaves(image_bgr), cands)
 
-    def detect_regions(self, image_bgr: np.ndarray, rois_xyxy: np.ndarray) -> Detections:
-        """Faces near each expected face box in `rois_xyxy` (N, 4), in image coordinates (see class docstring)."""
+    def detect_regions(self, image_bgr: np.ndarray, rois_xyxy: np.ndarray,
+                       scan_missed: np.ndarray | None = None) -> Detections:
+        """Faces near each expected face box in `rois_xyxy` (N, 4), in image coordinates (see class docstring);
+        with `scan_missed` (N,) bool, only those ROIs go on to step 2 when O-Net misses them."""
         rois = np.asarray(rois_xyxy, np.float32).reshape(-1, 4)
-        rois = rois[(rois[:, 2] > rois[:, 0]) & (rois[:, 3] > rois[:, 1])]
+        scan = np.ones(len(rois), bool) if scan_missed is None else np.asarray(scan_missed, bool).reshape(-1)
+        valid = (rois[:, 2] > rois[:, 0]) & (rois[:, 3] > rois[:, 1])
+        rois, scan = rois[valid], scan[valid]
         if len(rois) == 0:
             return Detections.empty()
         octaves = _octaves(image_bgr)
         # 1. O-Net straight on the expected boxes, twice
         boxes = _rerec(np.concatenate([rois, np.zeros((len(rois), 1), np.float32)], 1))
-        b1, s1, _, _ = self._onet(octaves, boxes)
+        b1, s1, lm1, _ = self._onet(octaves, boxes)
         hit = s1 > self.thresholds[2]
-        b2, s2, lm2, _ = self._onet(octaves, _rerec(b1[hit]))
+        sq1 = _rerec(b1)
+        # a crop O-Net hardly moved was already on the face: a second pass would see the same crop again
+        aligned = hit & (_paired_iou(sq1, boxes) >= self.aligned_iou)
+        redo = hit & ~aligned
+        b2, s2, lm2, _ = self._onet(octaves, sq1[redo])
         good = s2 > self.thresholds[2]
-        found = [Detections(b2[good, :4], s2[good], lm2[good])]
-        hit[np.nonzero(hit)[0][~good]] = False
+        found = [Detections(b1[aligned, :4], s1[aligned], lm1[aligned]), Detections(b2[good, :4], s2[good], lm2[good])]
+        hit[np.nonzero(redo)[0][~good]] = False
         # 2. P-Net scan of a wider square around each ROI O-Net did not confirm
-        miss = rois[~hit]
+        miss = rois[~hit & scan]
         if len(miss):
             found.append(self._scan_regions(octaves, miss))
         return self._finish(_concat(found))
@@ -228,6 +238,15 @@ def _pnet_boxes(reg: np.ndarray, prob: np.ndarray, scale: float, threshold: floa
     c = np.stack([q1x, q1y, q2x, q2y, score, reg[0, ys, xs], reg[1, ys, xs], reg[2, ys, xs], reg[3, ys, xs]], 1)
     c = c.astype(np.float32)
     return c[nms(c[:, :4], c[:, 4], 0.5)]
+
+
+def _paired_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of a[i] and b[i] for each row (boxes x1 y1 x2 y2 in the first four columns)."""
+    iw = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
+    ih = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
+    inter = iw * ih
+    union = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-9), 0.0)
 
 
 def _rerec(b: np.ndarray) -> np.ndarray:

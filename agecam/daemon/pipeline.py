@@ -15,7 +15,9 @@ from agecam.config import CameraConfig, Config
 from agecam.daemon.agesvc import AgeRequest, AgeResult, AgeService
 from agecam.daemon.chip import chip_quality
 from agecam.daemon.gate import QualityGate
+from agecam.daemon.detect import nms, pick
 from agecam.daemon.metrics import NullMetrics
+from agecam.daemon.motion import MotionFinder, search_boxes
 from agecam.daemon.sampling import Cadence, due_for_sample
 from agecam.daemon.smooth import AgeSmoother
 from agecam.daemon.track import Track, Tracker, TrackIds
@@ -27,6 +29,10 @@ log = logging.getLogger(__name__)
 STATS_KEEP = 10000  # recent latency samples kept per pipeline
 SNAPSHOT_REFRESH_S = 1.0  # with nobody watching, the preview frame is still refreshed this often (for snapshots)
 REPLY_QUEUE_SIZE = 1024  # age results waiting for this pipeline's next loop
+FULL_SEARCH_CHANGED_SHARE = 0.5  # when this share of the picture changed at once, the whole frame is searched
+MOTION_MIN_SIDE_FACES = 3.0  # a changed region is searched in a square of at least this many min_face_px
+MERGE_IOU = 0.4  # a track check and a motion search that found the same face: one detection
+DUE_SLACK_S = 0.02  # a stage due within this much of a frame's time runs on that frame (frames jitter)
 
 
 @dataclass
@@ -57,6 +63,7 @@ class PipelineStats:
     faces: int = 0
     full_searches: int = 0
     region_searches: int = 0
+    motion_searches: int = 0
     fps: float = 0.0
     first_age_delays_s: deque = field(default_factory=lambda: deque(maxlen=STATS_KEEP))
     event_latencies_s: deque = field(default_factory=lambda: deque(maxlen=STATS_KEEP))
@@ -74,6 +81,21 @@ class PipelineSnapshot:
     fps: float
     tracks: int
     last_frame_ts: float  # capture time of the last processed frame, 0 before the first
+
+
+def _merge(parts: list[Detections]) -> Detections:
+    """Detections from several searches of one frame, a face found by two of them kept once (the higher score)."""
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return Detections.empty()
+    if len(parts) == 1:
+        return parts[0]
+    boxes = np.concatenate([p.boxes_xyxy for p in parts])
+    scores = np.concatenate([p.scores for p in parts])
+    lms = [p.landmarks for p in parts]
+    lm = np.concatenate(lms) if all(x is not None for x in lms) else None
+    d = Detections(boxes, scores, lm)
+    return pick(d, nms(boxes, scores, MERGE_IOU))
 
 
 def _shift(d: Detections, dx: float, dy: float, scale: float = 1.0) -> Detections:
@@ -124,7 +146,11 @@ class CameraPipeline(Worker):
         self.last_frame_ts = 0.0
         self.frame_wh: tuple[int, int] | None = None  # size of the latest frame, to clip event boxes
         self._last_full_ts = -1e18
+        self._last_check_ts = -1e18
+        self._last_motion_ts = -1e18
+        self.motion = MotionFinder(cfg.detector.motion_threshold) if cfg.detector.motion_interval_s > 0 else None
         self._last_preview_s = 0.0
+        self._last_preview_wall_s = 0.0  # capture time of the frame last drawn for the preview
         self._fps_window: deque[float] = deque(maxlen=256)
 
     # -- health ---------------------------------------------------------------------------------------------------
@@ -151,11 +177,14 @@ class CameraPipeline(Worker):
             if frame is None:
                 if self.ended.is_set():
                     return
-                if time.monotonic() - idle_since > 0.5 and (self.records or self.tracker.tracks):
+                # no frame for 0.5 s although frames were wanted: the camera is away
+                overdue = time.time() - self.slot.wanted_from_s > 0.5
+                if overdue and time.monotonic() - idle_since > 0.5 and (self.records or self.tracker.n_live):
                     self._advance(Detections.empty(), time.time(), None)  # let lost tracks age out
                     idle_since = time.monotonic()
                 continue
             idle_since = time.monotonic()
+            self._drain_replies()  # ages that came back while this thread waited for a wanted frame
             self.process(frame)
 
     # -- one frame ----------------------------------------------------------------------------------------------
@@ -165,11 +194,13 @@ class CameraPipeline(Worker):
         t0 = time.perf_counter()
         dets = self._detect(frame)
         t1 = time.perf_counter()
-        self._advance(dets, frame.ts, frame)
+        if dets is not None:
+            self._advance(dets, frame.ts, frame)
         t2 = time.perf_counter()
         self.stats.frames += 1
         self.frame_wh = (frame.image.shape[1], frame.image.shape[0])
-        self.stats.faces += len(dets)
+        n_faces = len(dets) if dets is not None else 0
+        self.stats.faces += n_faces
         self.last_frame_ts = frame.ts
         now = time.monotonic()
         self._fps_window.append(now)
@@ -177,31 +208,96 @@ class CameraPipeline(Worker):
             self._fps_window.popleft()
         span_s = self._fps_window[-1] - self._fps_window[0]
         self.stats.fps = (len(self._fps_window) - 1) / span_s if span_s > 0 else 0.0
-        self.metrics.frame_processed(self.cam.name, len(dets), wait_s, t1 - t0, t2 - t1)
+        ran = dets is not None
+        self.metrics.frame_processed(self.cam.name, n_faces, wait_s, t1 - t0 if ran else None, t2 - t1 if ran else None)
         self.metrics.tracks_active(self.cam.name, len(self.records))
         if self.frame_tap:
-            self.frame_tap(frame, dets)
+            self.frame_tap(frame, dets if dets is not None else Detections.empty())
         if self.hub is not None or self.recorder is not None:
-            self._preview(frame)
+            self._preview(frame, dets is not None)
+        self.slot.wanted_from_s = self._next_wanted_s()
 
-    def _detect(self, frame: Frame) -> Detections:
+    def _next_wanted_s(self) -> float:
+        """The capture time from which the next frame is needed (0: every frame); frames before it are skipped."""
+        d = self.cfg.detector
+        if (self.tracker.awaiting_confirmation or self.recorder is not None
+                or (self.hub is not None and self.hub.watching(self.cam.name))):
+            return 0.0
+        due = self._last_full_ts + d.full_frame_interval_s
+        if self.motion is not None:
+            due = min(due, self._last_motion_ts + d.motion_interval_s)
+        if self.tracker.n_live:
+            due = min(due, self._last_check_ts + d.track_check_interval_s)
+        if self.hub is not None:
+            due = min(due, self._last_preview_wall_s + SNAPSHOT_REFRESH_S)
+        return due - DUE_SLACK_S
+
+    def _detect(self, frame: Frame) -> Detections | None:
+        """This frame's faces, or None when no detector ran: between checks, tracks follow their prediction.
+
+        The detector runs on the whole frame every full_frame_interval_s (the safety net); around the tracked faces
+        every track_check_interval_s and on every frame while a new track awaits confirmation; and on the regions
+        that changed away from tracked faces, compared every motion_interval_s. A motion search always comes with a
+        track check, so the tracker never sees a frame in which known faces were not looked for. Age samples are
+        cut on frames where the detector ran (they need its landmarks), so a due sample waits for the next check.
+        """
         img = frame.image
+        ts = frame.ts
         h, w = img.shape[:2]
         dcfg = self.cfg.detector
-        full_due = frame.ts - self._last_full_ts >= dcfg.full_frame_interval_s
-        predicted = self.tracker.predict_boxes(frame.ts)
-        if full_due:
-            self._last_full_ts = frame.ts
-            self.stats.full_searches += 1
-            scale = min(1.0, dcfg.input_max_px / max(h, w))
-            if scale < 1.0:
-                small = cv2.resize(img, (int(round(w * scale)), int(round(h * scale))), interpolation=cv2.INTER_AREA)
-                return _shift(self.detector.detect(small), 0, 0, 1.0 / scale)
-            return self.detector.detect(img)
-        if len(predicted) == 0:
-            return Detections.empty()
-        self.stats.region_searches += 1
-        return self.detector.detect_regions(img, predicted)
+        if ts - self._last_full_ts >= dcfg.full_frame_interval_s - DUE_SLACK_S:
+            self._last_full_ts = self._last_check_ts = ts
+            if self.motion is not None:
+                self.motion.changed(img, np.zeros((0, 4), np.float32))  # keeps its reference frame current
+                self._last_motion_ts = ts
+            return self._full(img)
+        predicted, lost = self.tracker.predicted(ts)
+        since_check, since_motion = ts - self._last_check_ts, ts - self._last_motion_ts
+        check = len(predicted) > 0 and (self.tracker.awaiting_confirmation
+                                        or since_check >= dcfg.track_check_interval_s - DUE_SLACK_S)
+        motion = self.motion is not None and since_motion >= dcfg.motion_interval_s - DUE_SLACK_S
+        # each runs early (from half its interval) when the other runs, so they share frames and the frames in
+        # between are never asked for
+        motion = motion or (self.motion is not None and check and since_motion >= dcfg.motion_interval_s / 2)
+        check = check or (len(predicted) > 0 and motion and since_check >= dcfg.track_check_interval_s / 2)
+        search = np.zeros((0, 4), np.float32)
+        if motion:
+            self._last_motion_ts = ts
+            changed, share = self.motion.changed(img, predicted)  # lost tracks too: the face leaving moves there
+            if share >= FULL_SEARCH_CHANGED_SHARE:  # the whole picture moved (camera, light): search it all
+                self._last_full_ts = self._last_check_ts = ts
+                return self._full(img)
+            search = search_boxes(changed, (w, h), MOTION_MIN_SIDE_FACES * dcfg.min_face_px)
+        check = check or (len(predicted) > 0 and len(search) > 0)
+        if not check and not len(search):
+            return None
+        parts = []
+        if check:
+            self._last_check_ts = ts
+            self.stats.region_searches += 1
+            self.metrics.detector_run(self.cam.name, "tracks")
+            # a face O-Net misses where its track is predicted is searched around when it is first missed; a track
+            # already lost gets the light check only (where it is predicted), the full search finds it elsewhere
+            parts.append(self.detector.detect_regions(img, predicted, scan_missed=~lost))
+        for x1, y1, x2, y2 in search.astype(int):
+            self.stats.motion_searches += 1
+            self.metrics.detector_run(self.cam.name, "motion")
+            parts.append(_shift(self._scaled(img[y1:y2, x1:x2]), x1, y1))
+        return _merge(parts)
+
+    def _full(self, img: np.ndarray) -> Detections:
+        self.stats.full_searches += 1
+        self.metrics.detector_run(self.cam.name, "full")
+        return self._scaled(img)
+
+    def _scaled(self, img: np.ndarray) -> Detections:
+        """The detector on an image (a frame or a crop of one) downscaled to input_max_px, in its own pixels."""
+        h, w = img.shape[:2]
+        scale = min(1.0, self.cfg.detector.input_max_px / max(h, w))
+        if scale < 1.0:
+            small = cv2.resize(img, (int(round(w * scale)), int(round(h * scale))), interpolation=cv2.INTER_AREA)
+            return _shift(self.detector.detect(small), 0, 0, 1.0 / scale)
+        return self.detector.detect(img)
 
     def _advance(self, dets: Detections, ts: float, frame: Frame | None) -> None:
         """Track, announce starts and ends, sample ages, send updates."""
@@ -302,16 +398,23 @@ class CameraPipeline(Worker):
             self.stats.event_latencies_s.append(time.time() - ts)
 
     # -- preview --------------------------------------------------------------------------------------------------
-    def _preview(self, frame: Frame) -> None:
+    def _preview(self, frame: Frame, detected: bool) -> None:
         from agecam.daemon.annotate import TrackView, annotate
 
         now = time.monotonic()
         watched = self.recorder is not None or (self.hub is not None and self.hub.watching(self.cam.name))
-        if now - self._last_preview_s < (1.0 / self.cfg.preview.max_fps if watched else SNAPSHOT_REFRESH_S):
+        if now - self._last_preview_s < (1.0 / self.cfg.preview.max_fps if watched else SNAPSHOT_REFRESH_S - 0.05):
             return
         self._last_preview_s = now
-        views = [TrackView(tid, rec.track.box_xyxy, rec.estimate(), rec.quality, True)
-                 for tid, rec in self.records.items() if rec.track.det_index is not None]
+        self._last_preview_wall_s = frame.ts
+        if detected:
+            views = [TrackView(tid, rec.track.box_xyxy, rec.estimate(), rec.quality, True)
+                     for tid, rec in self.records.items() if rec.track.det_index is not None]
+        else:  # between detector runs the boxes follow the tracks' predicted motion
+            ids, boxes, lost = self.tracker.predicted(frame.ts, with_ids=True)
+            where = {int(i): tuple(float(v) for v in b) for i, b, gone in zip(ids, boxes, lost) if not gone}
+            views = [TrackView(tid, where[tid], rec.estimate(), rec.quality, True)
+                     for tid, rec in self.records.items() if tid in where and rec.track.det_index is not None]
         status = f"{self.cam.name}  {self.stats.fps:4.1f} fps  faces {len(views)}"
         t0 = time.perf_counter()
         image = annotate(frame.image, views, status)

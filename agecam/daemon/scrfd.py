@@ -129,8 +129,11 @@ class ScrfdDetector:
         lm = (np.concatenate(kpss) / det_scale)[keep].astype(np.float32) if kpss else None  # None: model has no kps
         return Detections(b[keep].astype(np.float32), s[keep].astype(np.float32), lm)
 
-    def detect_regions(self, image_bgr: np.ndarray, rois_xyxy: np.ndarray) -> Detections:
-        """Faces near each expected face box: each ROI grown to 2x its side is detected on its own, then merged."""
+    def detect_regions(self, image_bgr: np.ndarray, rois_xyxy: np.ndarray,
+                       scan_missed: np.ndarray | None = None) -> Detections:
+        """Faces near each expected face box: each ROI grown to 2x its side is detected on its own, then merged.
+
+        SCRFD has no lighter check than this search, so scan_missed changes nothing."""
         h, w = image_bgr.shape[:2]
         parts = []
         for x1, y1, x2, y2 in np.asarray(rois_xyxy, np.float32).reshape(-1, 4):

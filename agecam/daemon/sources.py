@@ -104,27 +104,37 @@ class CvReader:
             self.backlog_skipped += 1
         return True
 
-    def read(self) -> tuple[np.ndarray, None] | None:
+    def grab(self) -> bool | None:
+        """Take the next frame from the source without converting it: True, or None when the read failed.
+
+        A file at its end restarts (loop) or raises SourceEnded."""
         if self._skip_backlog:
             self._skip_backlog = False
             ok = self._grab_past_backlog()
             if self.backlog_skipped:
                 log.debug("skipped %d buffered frames after opening the stream", self.backlog_skipped)
-            ok, image = self.cap.retrieve() if ok else (False, None)
         else:
-            ok, image = self.cap.read()
-        if ok and image is not None:
-            return image, None
+            ok = self.cap.grab()
+        if ok:
+            return True
         if self._reopen is not None:  # loop: start the file again
             self.cap.release()
             self.cap = self._reopen()
-            ok, image = self.cap.read()
-            if ok and image is not None:
-                return image, None
+            if self.cap.grab():
+                return True
             raise SourceError("cannot restart the file from its beginning (no frame after reopening)")
         if self.finite:
             raise SourceEnded("end of file")
         return None
+
+    def retrieve(self) -> tuple[np.ndarray, None] | None:
+        """The grabbed frame as a BGR image (the colour conversion is most of a read's cost), or None."""
+        ok, image = self.cap.retrieve()
+        return (image, None) if ok and image is not None else None
+
+    def read(self) -> tuple[np.ndarray, None] | None:
+        """grab() and retrieve() in one."""
+        return self.retrieve() if self.grab() else None
 
     def close(self) -> None:
         self.cap.release()
@@ -143,14 +153,23 @@ class DemoReader:
         self.loop = cam.loop
         self.index = 0
 
-    def read(self):
+    def grab(self) -> bool:
+        """Move to the next frame without drawing it."""
         if self.n_frames is not None and self.index >= self.n_frames:
             if not self.loop:
                 raise SourceEnded(f"demo scene finished after {self.n_frames} frames")
             self.index = 0
-        image, truth = self.scene.frame_at(self.index)
         self.index += 1
+        return True
+
+    def retrieve(self):
+        """The frame grab() moved to, drawn, with its truth."""
+        image, truth = self.scene.frame_at(self.index - 1)
         return image, (tuple(truth) if truth is not None else None)
+
+    def read(self):
+        self.grab()
+        return self.retrieve()
 
     def close(self) -> None:
         pass
@@ -176,9 +195,11 @@ def _ensure_rtsp_options() -> None:
             os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = "|".join(([cur] if cur else []) + extra)
 
 
-def _ffmpeg_timeouts(cam: CameraConfig) -> list[int]:
+def _ffmpeg_params(cam: CameraConfig) -> list[int]:
+    """VideoCapture open parameters for a network stream: timeouts and decoder threads."""
     return [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(cam.open_timeout_s * 1000),
-            cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(cam.read_timeout_s * 1000)]
+            cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(cam.read_timeout_s * 1000),
+            cv2.CAP_PROP_N_THREADS, cam.decode_threads]
 
 
 def open_file(cam: CameraConfig) -> CvReader:
@@ -188,7 +209,7 @@ def open_file(cam: CameraConfig) -> CvReader:
         raise SourceError(f"file not found: {path}")
 
     def _open() -> cv2.VideoCapture:
-        cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+        cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, cam.decode_threads])
         if not cap.isOpened():
             cap.release()
             raise SourceError(f"cannot decode video file: {path}")
@@ -242,7 +263,7 @@ def open_stream(cam: CameraConfig) -> CvReader:
     if source_kind(url) == "rtsp":
         _ensure_rtsp_options()
         _check_reachable(url, cam.open_timeout_s)
-    cap = cv2.VideoCapture(url, cv2.CAP_FFMPEG, _ffmpeg_timeouts(cam))
+    cap = cv2.VideoCapture(url, cv2.CAP_FFMPEG, _ffmpeg_params(cam))
     if not cap.isOpened():
         cap.release()
         raise SourceError(f"open failed for {secret_free(url)} (wrong path or credentials, unsupported codec, "

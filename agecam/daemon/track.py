@@ -272,6 +272,11 @@ class Tracker:
         return self.tracks
 
     @property
+    def awaiting_confirmation(self) -> bool:
+        """True while some track is tentative: it needs matches on the next frames to be confirmed."""
+        return any(t.state == "tentative" for t in self._tracks)
+
+    @property
     def tracks(self) -> list[Track]:
         """Snapshots of the live tracks, by id."""
         return [t.snapshot() for t in sorted(self._tracks, key=lambda t: t.track_id)]
@@ -281,11 +286,24 @@ class Tracker:
 
         Does not change the tracker; lets the detector search only around them.
         """
+        return self.predicted(ts_s)[0]
+
+    def predicted(self, ts_s: float, with_ids: bool = False):
+        """(boxes, lost): predict_boxes(ts_s) and, per box, whether its track is lost (unmatched at the last
+        update); with_ids, (ids, boxes, lost)."""
         live = sorted(self._tracks, key=lambda t: t.track_id)
         out = np.zeros((len(live), 4), np.float32)
         for i, t in enumerate(live):
             out[i] = _z_to_xyxy(t.kf.predicted_pos(ts_s - t.ts))
-        return out
+        lost = np.array([t.state == "lost" for t in live], bool)
+        if with_ids:
+            return np.array([t.track_id for t in live], np.int64), out, lost
+        return out, lost
+
+    @property
+    def n_live(self) -> int:
+        """Tracks alive (tentative, confirmed or lost)."""
+        return len(self._tracks)
 
     def pop_ended(self) -> list[Track]:
         """Confirmed tracks removed since the last call (each reported once), state 'ended'."""

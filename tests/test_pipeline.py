@@ -1,0 +1,205 @@
+"""The pipeline's detector schedule: tracks coast between checks, new faces are found where the picture changed, the
+full-frame search is the safety net, and frames nobody needs are not asked for.
+
+The detector here finds white squares on a dark picture (a unit of logic standing in for a face detector, so the
+schedule can be tested frame by frame); the real detector's schedule is measured in bench/bench_peer.py."""
+from __future__ import annotations
+
+import threading
+
+import cv2
+import numpy as np
+
+from agecam.config import parse
+from agecam.daemon.detect import nms, pick
+from agecam.daemon.motion import MotionFinder, search_boxes
+from agecam.daemon.pipeline import CameraPipeline
+from agecam.daemon.slot import LatestSlot
+from agecam.daemon.types import Detections, Frame
+from agecam.events import EventFactory
+
+FPS = 15.0
+W, H = 640, 480
+
+
+class SquareDetector:
+    """'Faces' are bright squares: found by thresholding whatever image it is given (a frame or a crop of one)."""
+
+    def __init__(self):
+        self.full_calls: list[tuple[int, int]] = []  # shape (h, w) of every detect() image
+        self.region_calls = 0
+
+    def detect(self, image):
+        self.full_calls.append(image.shape[:2])
+        return self._find(image)
+
+    def detect_regions(self, image, rois, scan_missed=None):
+        self.region_calls += 1
+        d = self._find(image)
+        keep = [i for i, b in enumerate(d.boxes_xyxy) if any(_overlaps(b, r) for r in np.asarray(rois).reshape(-1, 4))]
+        return pick(d, np.asarray(keep, np.int64))
+
+    @staticmethod
+    def _find(image):
+        gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+        n, _, stats, _ = cv2.connectedComponentsWithStats((gray > 200).astype(np.uint8))
+        boxes = [(x, y, x + w, y + h) for x, y, w, h, area in stats[1:n] if area >= 400]
+        if not boxes:
+            return Detections.empty()
+        b = np.asarray(boxes, np.float32)
+        rel = np.float32([[0.3, 0.4], [0.7, 0.4], [0.5, 0.6], [0.35, 0.8], [0.65, 0.8]])
+        lm = b[:, None, :2] + rel[None] * (b[:, None, 2:] - b[:, None, :2])
+        d = Detections(b, np.full(len(b), 0.99, np.float32), lm.astype(np.float32))
+        return pick(d, nms(d.boxes_xyxy, d.scores, 0.3))
+
+
+def _overlaps(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+class FakeAgeModel:
+    bins_years = np.arange(0, 101, dtype=np.float32)
+
+    def make_chip(self, image, landmarks, box):
+        return np.zeros((64, 64, 3), np.uint8)
+
+
+class Requests:
+    def __init__(self):
+        self.sent = []
+
+    def submit(self, req):
+        self.sent.append(req)
+
+
+def _pipeline(detector_cfg: dict | None = None):
+    cfg = parse({"cameras": [{"name": "c", "source": "demo"}], "detector": detector_cfg or {}})
+    events = []
+    pipe = CameraPipeline(cfg.cameras[0], cfg, slot=LatestSlot(), detector=SquareDetector(), age_model=FakeAgeModel(),
+                          age_service=Requests(), events=EventFactory(), submit=events.append,
+                          stop=threading.Event(), ended=threading.Event())
+    return pipe, events
+
+
+def _picture(squares, level=30):
+    img = np.full((H, W, 3), level, np.uint8)
+    for x1, y1, x2, y2 in squares:
+        img[y1:y2, x1:x2] = 255
+    return img
+
+
+def _run(pipe, scene, seconds, t0=1000.0, start=0):
+    """Feed frames at FPS from frame `start`; scene(t_s) gives the squares. Frames the pipeline does not want (its
+    slot's wanted_from_s) are skipped, as the capture thread skips them. Returns the frames processed."""
+    processed = []
+    for i in range(start, start + int(seconds * FPS)):
+        ts = t0 + i / FPS
+        if not pipe.slot.wants(ts):
+            continue
+        squares, level = scene(i / FPS)
+        pipe.process(Frame(image=_picture(squares, level), frame_id=i, ts=ts, camera="c"))
+        processed.append(i)
+    return processed
+
+
+def _tracked(pipe):
+    return [rec.track.box_xyxy for rec in pipe.records.values()]
+
+
+A = (100, 100, 180, 180)
+B = (420, 260, 500, 340)
+
+
+def test_a_still_face_is_checked_a_few_times_a_second_not_on_every_frame():
+    # given a face that stays put, and the default schedule (full search every 3 s, checks every 0.2 s)
+    pipe, events = _pipeline()
+    det = pipe.detector
+    # when 2.9 s of frames go by
+    processed = _run(pipe, lambda t: ([A], 30), 2.9)
+    # then the face was found by the first full search, confirmed on the next frames and announced once
+    assert len(det.full_calls) == 1 and det.full_calls[0] == (H, W), f"full searches: {det.full_calls}"
+    assert [e["type"] for e in events].count("track.start") == 1, [e["type"] for e in events]
+    # and afterwards it was only checked about 5 times a second, with the frames in between never even asked for
+    assert 12 <= det.region_calls <= 18, f"{det.region_calls} checks in 2.9 s, expected ~5/s"
+    assert len(processed) <= 22, f"{len(processed)} of {int(2.9 * FPS)} frames processed; a still scene needs ~7/s"
+    # and the track never went lost between checks
+    assert all(rec.track.state == "confirmed" for rec in pipe.records.values())
+
+
+def test_a_new_face_is_found_where_the_picture_changed_without_a_full_search():
+    # given a tracked face, and a second one appearing at 1.0 s
+    pipe, _ = _pipeline()
+    det = pipe.detector
+    _run(pipe, lambda t: ([A], 30), 1.0)
+    # when frames keep coming for 0.8 s more
+    _run(pipe, lambda t: ([A, B], 30), 0.8, start=int(1.0 * FPS))
+    # then the new face is tracked (found within a motion interval and confirmed), through a search of a crop
+    # around it rather than of the whole frame
+    assert any(abs(b[0] - B[0]) < 5 and abs(b[1] - B[1]) < 5 for b in _tracked(pipe)), _tracked(pipe)
+    crops = det.full_calls[1:]
+    assert crops and all(h < H and w < W for h, w in crops), f"searches after the first: {crops}"
+    assert len(det.full_calls) <= 3, f"{len(det.full_calls)} detect() calls for one new face"
+
+
+def test_without_motion_discovery_the_full_search_finds_a_new_face():
+    # given motion discovery off and a full search every 1 s
+    pipe, _ = _pipeline({"motion_interval_s": 0, "full_frame_interval_s": 1.0})
+    _run(pipe, lambda t: ([A], 30), 0.5)
+    # when a second face appears at 0.5 s
+    _run(pipe, lambda t: ([A, B], 30), 0.4, start=int(0.5 * FPS))
+    # then it is not found before the next full search, and found after it
+    assert len(pipe.records) == 1, "a new face was found with motion off and no full search due"
+    _run(pipe, lambda t: ([A, B], 30), 0.6, start=int(0.9 * FPS))
+    assert len(pipe.records) == 2, _tracked(pipe)
+
+
+def test_when_the_whole_picture_changes_the_whole_frame_is_searched():
+    # given a tracked face
+    pipe, _ = _pipeline()
+    det = pipe.detector
+    _run(pipe, lambda t: ([A], 30), 1.0)
+    searches = len(det.full_calls)
+    # when the lights change (every pixel brighter) at 1.0 s
+    _run(pipe, lambda t: ([A], 90), 0.4, start=int(1.0 * FPS))
+    # then a full-frame search runs at once, not a crop search of the whole picture in pieces
+    assert det.full_calls[searches:] and det.full_calls[searches] == (H, W), det.full_calls[searches:]
+
+
+def test_every_frame_is_wanted_while_a_new_track_awaits_confirmation():
+    # given a face just found by the first full search (tentative: it needs more matches)
+    pipe, _ = _pipeline()
+    _run(pipe, lambda t: ([A], 30), 1 / FPS)
+    # then the very next frame is wanted
+    assert pipe.tracker.awaiting_confirmation and pipe.slot.wanted_from_s == 0.0
+    # and once confirmed, the next frame wanted is a check interval away
+    _run(pipe, lambda t: ([A], 30), 0.5, start=1)
+    last_ts = 1000.0 + pipe.last_frame_ts - 1000.0
+    assert pipe.slot.wanted_from_s > last_ts + 0.05, (pipe.slot.wanted_from_s, last_ts)
+
+
+def test_motion_finder_boxes_changes_outside_known_faces():
+    finder = MotionFinder(threshold=16)
+    base = _picture([], 30)
+    # the first frame is only remembered
+    assert len(finder.changed(base, np.zeros((0, 4)))[0]) == 0
+    # a square appearing: one box around it, in image pixels
+    boxes, share = finder.changed(_picture([B], 30), np.zeros((0, 4)))
+    assert len(boxes) == 1 and 0 < share < 0.1, (boxes, share)
+    x1, y1, x2, y2 = boxes[0]
+    assert x1 <= B[0] and y1 <= B[1] and x2 >= B[2] and y2 >= B[3] and x2 - x1 < 3 * (B[2] - B[0]), boxes
+    # the same change next to a known face (within its head-and-body margin): nothing to search
+    finder.changed(base, np.zeros((0, 4)))
+    boxes, _ = finder.changed(_picture([B], 30), np.float32([[430, 220, 490, 280]]))
+    assert len(boxes) == 0, boxes
+    # camera noise below the threshold: nothing
+    finder.changed(base, np.zeros((0, 4)))
+    noisy = np.clip(base.astype(np.int16) + np.random.default_rng(0).integers(-8, 9, base.shape), 0, 255).astype(np.uint8)
+    assert len(finder.changed(noisy, np.zeros((0, 4)))[0]) == 0
+
+
+def test_search_boxes_grow_clip_and_merge():
+    out = search_boxes(np.float32([[0, 0, 10, 10], [12, 12, 20, 20], [600, 400, 640, 480]]), (W, H), 120)
+    # the two nearby changes merge into one crop at least 120 px wide, clipped to the frame
+    assert len(out) == 2, out
+    assert all(b[0] >= 0 and b[1] >= 0 and b[2] <= W and b[3] <= H for b in out), out
+    assert all(b[2] - b[0] >= 60 and b[3] - b[1] >= 60 for b in out), out
