@@ -53,7 +53,7 @@ models: setup
 	$(BIN)/agecam models fetch
 
 bench: setup-test models
-	$(BIN)/python bench/bench_pipeline.py
+	$(BIN)/python bench/bench_peer.py --megamind
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

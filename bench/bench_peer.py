@@ -11,9 +11,10 @@ Clips, each 640x480 or the clip's own size, played once:
 
 Printed per clip: CPU-seconds per camera-second for the peer and for agecam with 1 and 4 cameras (agecam's steady
 state: from WARM_S after start to the clip's end, whole process), the ratio, recall (share of truth face-frames
-covered, IoU >= RECALL_IOU, by a track that has an age; the peer covers a face-frame it detects), recall relative
-to the peer's, first age p95 (from a face's first frame), frame-to-event p95, peak RSS, and the per-track std of
-published `years` once a track is stable.
+covered, IoU >= RECALL_IOU, by a track that has, or gets, an age; the peer covers a face-frame it detects; both
+from WARM_S on, like the CPU), recall relative to the peer's, first age p50/p95 per visit (from a face's first
+frame in view to the first frame an aged track covers it), frame-to-event p95, peak RSS, the per-track std of
+published `years` once a track is stable, and agecam's CPU by thread and detector runs per processed frame.
 
     .venv/bin/python bench/bench_peer.py                 # scene clip, peer + agecam x1 and x4
     .venv/bin/python bench/bench_peer.py --megamind      # also the real clip
@@ -82,8 +83,8 @@ def _iou(a, b) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def recall(truth: list[list], found: list[list | None]) -> float:
-    """Share of truth boxes (per frame) matched at RECALL_IOU by a found box of the same frame.
+def recall(truth: list[list], found: list[list | None], skip: int = 0) -> float:
+    """Share of truth boxes (per frame, from frame `skip` on) matched at RECALL_IOU by a found box of the same frame.
 
     found[i] None means frame i was not processed: the state of the latest processed frame before it stands.
     """
@@ -92,15 +93,17 @@ def recall(truth: list[list], found: list[list | None]) -> float:
     for i, boxes in enumerate(truth):
         if i < len(found) and found[i] is not None:
             last = found[i]
+        if i < skip:
+            continue
         for t in boxes:
             total += 1
             hit += any(_iou(t[-4:], f) >= RECALL_IOU for f in last)
     return hit / total if total else float("nan")
 
 
-def first_age_delays_s(truth: list[list], found: list[list | None], fps: float) -> list[float]:
-    """Per visit of a truth identity (its frames in a row), seconds from its first frame to the first frame on
-    which a track that has an age covers it; inf when none does during the visit."""
+def first_age_delays_s(truth: list[list], found: list[list | None], fps: float, skip: int = 0) -> list[float]:
+    """Per visit of a truth identity (its frames in a row) that starts at frame `skip` or later, seconds from its
+    first frame to the first frame on which a track that has an age covers it; inf when none does during the visit."""
     out, open_visits, last = [], {}, []
     for i, faces in enumerate(truth):
         if i < len(found) and found[i] is not None:
@@ -112,10 +115,10 @@ def first_age_delays_s(truth: list[list], found: list[list | None], fps: float) 
                 aged_at = i
             here[name] = (start, aged_at)
         for name, (start, aged_at) in open_visits.items():
-            if name not in here:
+            if name not in here and start >= skip:
                 out.append(float("inf") if aged_at is None else (aged_at - start) / fps)
         open_visits = here
-    out += [float("inf") if a is None else (a - s) / fps for s, a in open_visits.values()]
+    out += [float("inf") if a is None else (a - s) / fps for s, a in open_visits.values() if s >= skip]
     return out
 
 
@@ -226,7 +229,7 @@ def run_agecam(clip: str, cameras: int, sets: list[str]) -> dict:
     by_thread = {k: round((v - threads0.get(k, 0.0)) / wall / cameras, 4) for k, v in _by_name(seen).items()}
     lat = [d for p in app.pipelines.values() for d in p.stats.event_latencies_s]
     frames = sum(p.stats.frames for p in app.pipelines.values())
-    runs = {k: sum(getattr(p.stats, f"{k}_searches") for p in app.pipelines.values()) / cameras / (frames / cameras)
+    runs = {k: sum(getattr(p.stats, f"{k}_searches", 0) for p in app.pipelines.values()) / cameras / (frames / cameras)
             for k in ("full", "region", "motion")}  # per processed frame, whole clip
     app.stop()
     ended = [e for p in app.pipelines.values() for e in p.stats.ended_tracks]  # (seen s, first-age delay or inf)
@@ -274,9 +277,11 @@ def main() -> int:
         peer = run_peer(py, clip, args.peer_mode)
         fps = peer["fps"]
         ref = truth if truth is not None else peer["boxes"]  # no truth: the peer's every-frame boxes stand in
-        peer_recall = recall(ref, peer["boxes"])
+        skip = int(round(WARM_S * fps))  # steady state, as for the CPU figure: agecam's start-up is left out
+        peer_recall = recall(ref, peer["boxes"], skip)
         print(f"\n{name}: {clip.name}, {peer['frames']} frames at {fps:g} fps, "
-              f"{sum(map(len, ref))} {'truth' if truth is not None else 'peer-found'} face-frames"
+              f"{sum(map(len, ref[skip:]))} {'truth' if truth is not None else 'peer-found'} face-frames after the "
+              f"first {WARM_S:g} s"
               + (f"; config {' '.join(args.set)}" if args.set else ""))
         print(f"{'':24}{'CPU s/cam-s':>12}{'ratio':>7}{'recall':>8}{'vs peer':>8}{'first age p50/p95 from appearance':>62}"
               f"{'evt p95':>9}{'RSS MB':>8}{'stable std y p50/p95 (n)':>26}")
@@ -285,12 +290,12 @@ def main() -> int:
         for cams in args.cameras:
             r = agecam_scenario(clip, cams, args.set)
             ever = [recall(ref, [None if f is None else [t[2:] for t in f if t[0] in set(r["aged_ids"][cam])]
-                                 for f in fr]) for cam, fr in r["found"].items()]
-            now = [recall(ref, [None if f is None else [t[2:] for t in f if t[1]] for f in fr])
+                                 for f in fr], skip) for cam, fr in r["found"].items()]
+            now = [recall(ref, [None if f is None else [t[2:] for t in f if t[1]] for f in fr], skip)
                    for fr in r["found"].values()]
             mean_rec, mean_now = float(np.mean(ever)), float(np.mean(now))
             if truth:  # from the face's first frame in view, per visit; a visit never covered by an aged track: inf
-                first = [d for fr in r["found"].values() for d in first_age_delays_s(truth, fr, fps)]
+                first = [d for fr in r["found"].values() for d in first_age_delays_s(truth, fr, fps, skip)]
                 never = sum(d == float("inf") for d in first)
                 first_txt = (f"{_pct(first, 50):.2f}/{_pct(first, 95):.2f}s ({never}/{len(first)} never); "
                              f"p95 from first detection {r['first_age_p95_s']:.2f}s")

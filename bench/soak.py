@@ -2,7 +2,7 @@
 subscriber, a viewer, a SIGHUP reload every few minutes and an RTSP server that dies now and then. Samples RSS,
 threads, fds and the subscriber's seq gaps each minute, then prints growth per hour after the warm-up.
 
-    python bench/soak.py [--minutes 60] [--cameras 4] [--reload-every-s 300] [--kill-every-s 240] [--no-arena]
+    python bench/soak.py [--minutes 60] [--cameras 4] [--reload-every-s 300] [--kill-every-s 240] [--arena]
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def main() -> int:
     ap.add_argument("--kill-every-s", type=float, default=240.0, help="the RTSP server dies for 1-4 s this often")
     ap.add_argument("--sample-every-s", type=float, default=60.0)
     ap.add_argument("--warmup-min", type=float, default=5.0, help="growth is measured after this")
-    ap.add_argument("--no-arena", action="store_true", help="runtime.onnx_memory_arena: false (see bench/bench_arena.py)")
+    ap.add_argument("--arena", action="store_true", help="runtime.onnx_memory_arena: true (see bench/bench_arena.py)")
     ap.add_argument("--agecam", default=str(Path(sys.executable).parent / "agecam"))
     args = ap.parse_args()
     rng = random.Random(0)
@@ -50,7 +50,7 @@ def main() -> int:
             {"name": f"rtsp{i}", "source": server.url} for i in range(args.cameras)]
     cfg = {"cameras": cams, "events": {"bind": events}, "metrics": {"bind": f"127.0.0.1:{free_port()}"},
            "preview": {"bind": f"127.0.0.1:{preview}"},
-           "runtime": {"intra_op_threads": 1, "onnx_memory_arena": not args.no_arena}}
+           "runtime": {"intra_op_threads": 1, "onnx_memory_arena": args.arena}}
     proc = start_daemon(args.agecam, cfg, tmp)
     sub, viewer = Subscriber(events), Viewer(preview, cams[0]["name"])
     sub.start()

@@ -149,8 +149,8 @@ def run_script(records: dict[int, Rec], times: list[float], cadence: Cadence = C
 @pytest.mark.parametrize(
     "name, est, times, expected",
     [
-        # a new track is sampled at once, then every unconverged interval (0.3 s)
-        ("new then unconverged", None, [0.0, 0.1, 0.2, 0.3, 0.5, 0.6], [[1], [], [], [1], [], [1]]),
+        # a new track is sampled at once, then, while it has no age, every third of the unconverged interval
+        ("new, no age yet", None, [0.0, 0.05, 0.1, 0.15, 0.21, 0.32], [[1], [], [1], [], [1], [1]]),
         ("unstable estimate", UNSTABLE, [0.0, 0.29, 0.31, 0.62], [[1], [], [1], [1]]),
         # a stable track only every converged interval (3 s)
         ("stable", STABLE, [0.0, 0.3, 1.0, 2.9, 3.0, 5.0, 6.1], [[1], [], [], [], [1], [], [1]]),

@@ -19,10 +19,16 @@ class Sampled(Protocol):
     def estimate(self) -> AgeEstimate | None: ...
 
 
+# A track still without any age is offered crops this much more often than an unconverged one: while its crops wait
+# at the quality gate, the gate should see each new one (its best is aged when age.max_wait_s runs out).
+UNAGED_INTERVAL_SHARE = 1 / 3
+
+
 @dataclass(frozen=True)
 class Cadence:
-    """A new track is due `first_sample_s` after confirmation, an unconverged one every `unconverged_interval_s`,
-    a stable one every `converged_interval_s`; at most `max_per_call` per frame."""
+    """A new track is due `first_sample_s` after confirmation, one still without an age every
+    UNAGED_INTERVAL_SHARE of `unconverged_interval_s` (its gate decides), an unconverged one every
+    `unconverged_interval_s`, a stable one every `converged_interval_s`; at most `max_per_call` per frame."""
 
     first_sample_s: float
     unconverged_interval_s: float
@@ -47,7 +53,10 @@ def due_for_sample(records: Mapping[int, Sampled], now_s: float, cadence: Cadenc
                 ranked.append((-math.inf, tid))  # never sampled: ahead of everyone
             continue
         est = rec.estimate()
-        interval = cadence.converged_interval_s if (est is not None and est.stable) else cadence.unconverged_interval_s
+        if est is None:  # sampled, but no age yet (its crops wait at the quality gate): offered more often
+            interval = cadence.unconverged_interval_s * UNAGED_INTERVAL_SHARE
+        else:
+            interval = cadence.converged_interval_s if est.stable else cadence.unconverged_interval_s
         overdue = (now_s - rec.last_sampled_s) / interval
         if overdue >= 1.0:
             ranked.append((-overdue, tid))
