@@ -6,9 +6,11 @@ schedule can be tested frame by frame); the real detector's schedule is measured
 from __future__ import annotations
 
 import threading
+import time
 
 import cv2
 import numpy as np
+import pytest
 
 from agecam.config import parse
 from agecam.daemon.detect import nms, pick
@@ -203,3 +205,26 @@ def test_search_boxes_grow_clip_and_merge():
     assert len(out) == 2, out
     assert all(b[0] >= 0 and b[1] >= 0 and b[2] <= W and b[3] <= H for b in out), out
     assert all(b[2] - b[0] >= 60 and b[3] - b[1] >= 60 for b in out), out
+
+
+@pytest.mark.slow
+def test_the_real_daemon_analyses_fewer_frames_than_it_receives_and_still_ages_faces(models_dir):
+    # given the real detector and age model on the demo scene (15 fps, faces entering, leaving and crossing)
+    from tests.helpers import running_app
+
+    with running_app({"cameras": [{"name": "lobby", "source": "demo", "loop": True}]}, models_dir) as run:
+        app = run.app
+        # when it runs for a while
+        assert run.sub.wait_for(lambda e: e["type"] == "track.update" and e["age"], 60), "no aged track.update"
+        time.sleep(4.0)
+        cam = app.health().cameras["lobby"]
+        stats = app.pipelines["lobby"].stats
+    # then health reports the source's frame rate and, separately, the lower rate the pipeline looked at
+    assert 12.0 <= cam.fps <= 16.5, f"source fps {cam.fps:.1f}, the demo plays at 15"
+    assert 0 < cam.analysed_fps < 0.8 * cam.fps, f"analysed {cam.analysed_fps:.1f} of {cam.fps:.1f} fps"
+    # and the whole frame was searched only as the safety net, the rest around tracks and where things moved
+    assert stats.region_searches > 3 * stats.full_searches, vars(stats)
+    assert stats.motion_searches > 0, "the demo's faces enter the picture: some were found by motion"
+    # and faces got ages and ended tracks were reported with them
+    aged = {e["track_id"] for e in run.sub.events if e["type"] in ("track.update", "track.end") and e["age"]}
+    assert len(aged) >= 2, f"aged tracks: {aged}"

@@ -202,12 +202,13 @@ class App:
         with self._lock:
             states = {name: (st.status, st.reason, st.since_s, st.reconnects) for name, st in self.cameras.items()}
         for name, (status, reason, since_s, reconnects) in states.items():
-            p = self.pipelines.get(name)
+            p, c = self.pipelines.get(name), self.captures.get(name)
             snap = p.snapshot() if p is not None else None
             cams[name] = CameraHealth(
                 status="crashed" if snap is not None and snap.crashed else status, reason=reason, since_s=since_s,
-                reconnects=reconnects, fps=snap.fps if snap else 0.0, tracks=snap.tracks if snap else 0,
-                last_frame_age_s=now - snap.last_frame_ts if snap and snap.last_frame_ts else None)
+                reconnects=reconnects, fps=c.fps() if c is not None else 0.0, tracks=snap.tracks if snap else 0,
+                last_frame_age_s=now - snap.last_frame_ts if snap and snap.last_frame_ts else None,
+                analysed_fps=snap.fps if snap else 0.0)
         return HealthReport(cams, {s.label: s.snapshot() for s in self.sinks.values()})
 
     def healthy(self) -> tuple[bool, str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import deque
 import time
 from typing import Any, Callable
 
@@ -32,6 +33,7 @@ MAX_STUCK_READERS = 3  # abandoned readers still blocked in a call; beyond this 
 FALL_BEHIND_RESET_S = 1.0  # a paced source that falls this far behind restarts its schedule instead of bursting
 BACKOFF_RESET_AFTER_S = 5.0  # a source must deliver frames this long before its reconnect backoff starts again
 BACKOFF_JITTER = 0.2  # delays grow by up to 20 %, so cameras behind one failed server do not retry in lockstep
+FPS_WINDOW_S, FPS_WINDOW_FRAMES = 2.0, 512  # the source frame rate is measured over this window (bounded)
 PROBE_MIN_S, PROBE_MAX_S = 0.1, 0.8  # retry cadence while the server refuses TCP connections (~1 probe/s at most)
 
 StatusFn = Callable[[str, str, str], None]
@@ -81,6 +83,7 @@ class CaptureThread(Worker):
         self.frames_captured = 0
         self.frames_skipped = 0
         self.frames_unwanted = 0
+        self._arrivals: deque[float] = deque(maxlen=FPS_WINDOW_FRAMES)  # monotonic times of recent frames
         self.frames_dropped = 0
         self.reconnects = 0
         self._next_frame_id = 0
@@ -253,9 +256,18 @@ class CaptureThread(Worker):
             s.outcome = (outcome[0], secret_free(outcome[1]))
             s.done.put_nowait(True)
 
+    def fps(self) -> float:
+        """Frames per second arriving from the source over the last FPS_WINDOW_S (0 when none)."""
+        now = time.monotonic()
+        recent = [t for t in list(self._arrivals) if now - t <= FPS_WINDOW_S]
+        if len(recent) < 2:
+            return 0.0
+        return (len(recent) - 1) / max(recent[-1] - recent[0], 1e-6)
+
     def _arrived(self, s: _Session) -> None:
         """A frame came from the source (wanted or not): the camera is alive."""
         now_mono = time.monotonic()
+        self._arrivals.append(now_mono)
         s.last_frame_mono = now_mono
         s.frames += 1
         self._next_frame_id += 1

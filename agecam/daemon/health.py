@@ -36,9 +36,10 @@ class CameraHealth:
     reason: str
     since_s: float
     reconnects: int
-    fps: float
+    fps: float  # frames per second arriving from the source
     tracks: int
-    last_frame_age_s: float | None
+    last_frame_age_s: float | None  # since the capture time of the last frame the pipeline analysed
+    analysed_fps: float = 0.0  # frames per second the pipeline looked at (the rest were not needed)
 
     @property
     def ok(self) -> bool:
@@ -46,7 +47,8 @@ class CameraHealth:
 
     def as_dict(self) -> dict:
         return {"status": self.status, "reason": self.reason, "since": round(self.since_s, 3),
-                "reconnects": self.reconnects, "fps": round(self.fps, 2), "tracks": self.tracks,
+                "reconnects": self.reconnects, "fps": round(self.fps, 2), "analysed_fps": round(self.analysed_fps, 2),
+                "tracks": self.tracks,
                 "last_frame_age_s": None if self.last_frame_age_s is None else round(self.last_frame_age_s, 3)}
 
 

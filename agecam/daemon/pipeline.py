@@ -32,6 +32,7 @@ REPLY_QUEUE_SIZE = 1024  # age results waiting for this pipeline's next loop
 FULL_SEARCH_CHANGED_SHARE = 0.5  # when this share of the picture changed at once, the whole frame is searched
 MOTION_MIN_SIDE_FACES = 3.0  # a changed region is searched in a square of at least this many min_face_px
 MERGE_IOU = 0.4  # a track check and a motion search that found the same face: one detection
+MIN_CROP_PX = 12  # the smallest image a detector can look at (MTCNN's P-Net window)
 DUE_SLACK_S = 0.02  # a stage due within this much of a frame's time runs on that frame (frames jitter)
 
 
@@ -280,6 +281,8 @@ class CameraPipeline(Worker):
             # already lost gets the light check only (where it is predicted), the full search finds it elsewhere
             parts.append(self.detector.detect_regions(img, predicted, scan_missed=~lost))
         for x1, y1, x2, y2 in search.astype(int):
+            if x2 - x1 < MIN_CROP_PX or y2 - y1 < MIN_CROP_PX:
+                continue  # a sliver at the frame edge: no face fits
             self.stats.motion_searches += 1
             self.metrics.detector_run(self.cam.name, "motion")
             parts.append(_shift(self._scaled(img[y1:y2, x1:x2]), x1, y1))
