@@ -97,9 +97,9 @@ class DetectorConfig(_Section):
         "appear without moving (new faces are otherwise found where the picture changed). 0 searches every frame in "
         "full (most CPU).")
     track_check_interval_s: float = Field(
-        0.2, ge=0.0, le=5.0, description="Tracked faces are confirmed by the detector this often (and whenever a "
-        "new track needs confirming or a face is due an age sample); in between they follow their predicted motion. "
-        "0 checks every frame.")
+        0.2, ge=0.0, le=5.0, description="Tracked faces are confirmed by the detector this often (and on every frame "
+        "while a new track needs confirming); in between they follow their predicted motion, and age samples wait "
+        "for the next check. 0 checks every frame. At most half of tracker.lost_track_buffer_s.")
     motion_interval_s: float = Field(
         0.2, ge=0.0, le=5.0, description="How often the picture is compared with the last comparison's to find "
         "changed regions away from tracked faces, which are then searched for new faces. 0 turns it off (new faces "
@@ -302,6 +302,10 @@ class Config(BaseModel):
             raise ValueError("detector.model: required when detector.kind is 'scrfd' (bring an insightface SCRFD ONNX)")
         if self.tracker.low_score > self.tracker.high_score:
             raise ValueError("tracker.low_score: must not exceed tracker.high_score")
+        if self.tracker.lost_track_buffer_s < 2 * self.detector.track_check_interval_s:
+            raise ValueError(f"tracker.lost_track_buffer_s: must be at least twice detector.track_check_interval_s "
+                             f"({self.tracker.lost_track_buffer_s:g} < 2 x {self.detector.track_check_interval_s:g}): "
+                             f"tracks are only seen at checks, so they would end between two of them")
         if not any(cam.enabled for cam in self.cameras):
             raise ValueError("cameras: every camera is disabled; enable at least one (the daemon would idle and look healthy)")
         return check_sink_names(self.sinks) or self

@@ -91,12 +91,13 @@ def _picture(squares, level=30):
 
 
 def _run(pipe, scene, seconds, t0=1000.0, start=0):
-    """Feed frames at FPS from frame `start`; scene(t_s) gives the squares. Frames the pipeline does not want (its
-    slot's wanted_from_s) are skipped, as the capture thread skips them. Returns the frames processed."""
+    """Feed frames at FPS from frame `start`; scene(t_s) gives the squares. Frames the pipeline does not want (before
+    its next_wanted_ts, which the capture thread sees as its slot's wanted_from_mono) are skipped, as the capture
+    thread skips them. Returns the frames processed."""
     processed = []
     for i in range(start, start + int(seconds * FPS)):
         ts = t0 + i / FPS
-        if not pipe.slot.wants(ts):
+        if ts < pipe.next_wanted_ts:
             continue
         squares, level = scene(i / FPS)
         pipe.process(Frame(image=_picture(squares, level), frame_id=i, ts=ts, camera="c"))
@@ -172,11 +173,10 @@ def test_every_frame_is_wanted_while_a_new_track_awaits_confirmation():
     pipe, _ = _pipeline()
     _run(pipe, lambda t: ([A], 30), 1 / FPS)
     # then the very next frame is wanted
-    assert pipe.tracker.awaiting_confirmation and pipe.slot.wanted_from_s == 0.0
+    assert pipe.tracker.awaiting_confirmation and pipe.next_wanted_ts == 0.0 and pipe.slot.wanted_from_mono == 0.0
     # and once confirmed, the next frame wanted is a check interval away
     _run(pipe, lambda t: ([A], 30), 0.5, start=1)
-    last_ts = 1000.0 + pipe.last_frame_ts - 1000.0
-    assert pipe.slot.wanted_from_s > last_ts + 0.05, (pipe.slot.wanted_from_s, last_ts)
+    assert pipe.next_wanted_ts > pipe.last_frame_ts + 0.05, (pipe.next_wanted_ts, pipe.last_frame_ts)
 
 
 def test_motion_finder_boxes_changes_outside_known_faces():
@@ -197,6 +197,31 @@ def test_motion_finder_boxes_changes_outside_known_faces():
     finder.changed(base, np.zeros((0, 4)))
     noisy = np.clip(base.astype(np.int16) + np.random.default_rng(0).integers(-8, 9, base.shape), 0, 255).astype(np.uint8)
     assert len(finder.changed(noisy, np.zeros((0, 4)))[0]) == 0
+
+
+def test_a_lost_track_drifting_off_the_picture_does_not_hide_a_new_face():
+    # given a known face predicted wholly left of the picture (a lost track keeps its velocity)
+    finder = MotionFinder(threshold=16)
+    finder.changed(_picture([], 30), np.zeros((0, 4)))
+    # when a face appears in the picture, then it is still reported
+    boxes, _ = finder.changed(_picture([(100, 100, 180, 180)], 30), np.float32([[-500, -300, -400, -200]]))
+    assert len(boxes) == 1, boxes
+
+
+def test_a_wall_clock_step_back_does_not_stop_the_checks():
+    # given a tracked face
+    pipe, _ = _pipeline()
+    det = pipe.detector
+    _run(pipe, lambda t: ([A], 30), 1.0)
+    checks = det.region_calls
+    # when the wall clock steps back an hour (NTP) and frames go on from there (the capture thread waits on the
+    # monotonic clock, so the next frame it is asked for still comes)
+    t0 = 1000.0 - 3600.0
+    pipe.process(Frame(image=_picture([A], 30), frame_id=15, ts=t0 + 15 / FPS, camera="c"))
+    _run(pipe, lambda t: ([A], 30), 1.0, t0=t0, start=16)
+    # then the face is still checked about 5 times a second, and frames are still wanted
+    assert det.region_calls - checks >= 4, f"{det.region_calls - checks} checks in the second after the step"
+    assert pipe.next_wanted_ts <= pipe.last_frame_ts + 1.0
 
 
 def test_search_boxes_grow_clip_and_merge():

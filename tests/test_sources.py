@@ -374,7 +374,7 @@ class CountingReader:
 def test_frames_the_pipeline_does_not_want_are_grabbed_but_never_converted(run_capture):
     # given a slot whose taker wants no frame for the next 0.5 s
     slot = RecordingSlot()
-    slot.wanted_from_s = time.time() + 0.5
+    slot.wanted_from_mono = time.monotonic() + 0.5
     reader = CountingReader()
     cap, slot, statuses, _ = run_capture(cam(), open_fn=lambda c: reader, slot=slot)
     # when the source runs for a while

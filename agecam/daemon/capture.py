@@ -281,18 +281,19 @@ class CaptureThread(Worker):
                 log.exception("camera %s: frame callback failed", self.cam.name)
 
     def _wanted(self) -> bool:
-        """Whether the frame that just arrived goes to the pipeline: within max_fps, and wanted by the slot's taker."""
+        """Whether the frame that just arrived goes to the pipeline: wanted by the slot's taker, and within max_fps
+        (an unwanted frame does not use up max_fps's budget)."""
+        now_mono = time.monotonic()
+        if not self.slot.wants(now_mono):
+            self.frames_unwanted += 1
+            return False
         if self.cam.max_fps:
-            now_mono = time.monotonic()
             period_s = 1.0 / self.cam.max_fps
             if now_mono < self._next_emit_mono - 0.2 * period_s:
                 self.frames_skipped += 1
                 self.frames_dropped += 1
                 return False
             self._next_emit_mono = max(self._next_emit_mono + period_s, now_mono)
-        if not self.slot.wants(time.time()):
-            self.frames_unwanted += 1
-            return False
         return True
 
     def _deliver(self, image: np.ndarray, truth) -> None:

@@ -114,7 +114,9 @@ class Metrics(NullMetrics):
         self.frames_captured_total = Counter(
             "agecam_frames_captured_total", "Frames read from the source.", ["camera"], registry=r)
         self.frames_processed_total = Counter(
-            "agecam_frames_processed_total", "Frames that went through detection and tracking.", ["camera"], registry=r)
+            "agecam_frames_processed_total", "Frames the pipeline looked at (the detector runs on some of them; "
+            "frames no stage needed are skipped unconverted and only counted in agecam_frames_captured_total).",
+            ["camera"], registry=r)
         self.frames_dropped_total = Counter(
             "agecam_frames_dropped_total",
             "Frames skipped: capture = overwritten in the latest-frame slot before the pipeline took them; "
@@ -129,7 +131,8 @@ class Metrics(NullMetrics):
             "agecam_faces_detected_total", "Faces returned by the detector.", ["camera"], registry=r)
         self.detector_runs_total = Counter(
             "agecam_detector_runs_total", "Detector runs: full = the whole frame (the safety net); tracks = around "
-            "tracked faces (between runs they follow their predicted motion); motion = on regions that changed.",
+            "tracked faces, one per checked frame (between runs they follow their predicted motion); motion = one "
+            "per changed region searched.",
             ["camera", "kind"], registry=r)
         self.age_samples_total = Counter(
             "agecam_age_samples_total", "Face crops run through the age model.", ["camera"], registry=r)

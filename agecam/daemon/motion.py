@@ -55,6 +55,8 @@ class MotionFinder:
             ml, mt, mr, mb = (k * side for k in EXCLUDE_SIDES)
             c1, r1 = int(max(0, (x1 - ml) // cell_img)), int(max(0, (y1 - mt) // cell_img))
             c2, r2 = int(np.ceil((x2 + mr) / cell_img)), int(np.ceil((y2 + mb) / cell_img))
+            if c2 <= 0 or r2 <= 0:
+                continue  # wholly off the picture (a lost track drifting away): a negative end would wrap around
             changed[r1:r2, c1:c2] = 0
         n, _, stats, _ = cv2.connectedComponentsWithStats(changed, connectivity=8)
         boxes = [(x, y, x + bw, y + bh) for x, y, bw, bh, _ in stats[1:n]]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -84,6 +85,12 @@ class PipelineSnapshot:
     last_frame_ts: float  # capture time of the last processed frame, 0 before the first
 
 
+def _since(ts: float, last_ts: float) -> float:
+    """Seconds from last_ts to ts; infinite when the wall clock stepped back past last_ts (so the stage is due)."""
+    d = ts - last_ts
+    return d if d >= 0 else math.inf
+
+
 def _merge(parts: list[Detections]) -> Detections:
     """Detections from several searches of one frame, a face found by two of them kept once (the higher score)."""
     parts = [p for p in parts if len(p)]
@@ -152,6 +159,7 @@ class CameraPipeline(Worker):
         self.motion = MotionFinder(cfg.detector.motion_threshold) if cfg.detector.motion_interval_s > 0 else None
         self._last_preview_s = 0.0
         self._last_preview_wall_s = 0.0  # capture time of the frame last drawn for the preview
+        self.next_wanted_ts = 0.0  # capture time from which the next frame is needed (0: every frame)
         self._fps_window: deque[float] = deque(maxlen=256)
 
     # -- health ---------------------------------------------------------------------------------------------------
@@ -167,6 +175,7 @@ class CameraPipeline(Worker):
             log.exception("pipeline:%s crashed; its tracks are ended and the camera is marked unhealthy", self.cam.name)
             self.crashed = True
         finally:
+            self.slot.wanted_from_mono = 0.0
             self._end_all(time.time())
 
     def _loop(self) -> None:
@@ -179,7 +188,7 @@ class CameraPipeline(Worker):
                 if self.ended.is_set():
                     return
                 # no frame for 0.5 s although frames were wanted: the camera is away
-                overdue = time.time() - self.slot.wanted_from_s > 0.5
+                overdue = time.monotonic() - self.slot.wanted_from_mono > 0.5
                 if overdue and time.monotonic() - idle_since > 0.5 and (self.records or self.tracker.n_live):
                     self._advance(Detections.empty(), time.time(), None)  # let lost tracks age out
                     idle_since = time.monotonic()
@@ -191,6 +200,7 @@ class CameraPipeline(Worker):
     # -- one frame ----------------------------------------------------------------------------------------------
     def process(self, frame: Frame) -> None:
         """Run every stage on one frame (called by the thread; callable directly in tests)."""
+        self.slot.wanted_from_mono = math.inf  # frames arriving while this one is processed are not converted
         wait_s = time.time() - frame.ts
         t0 = time.perf_counter()
         dets = self._detect(frame)
@@ -216,9 +226,10 @@ class CameraPipeline(Worker):
             self.frame_tap(frame, dets if dets is not None else Detections.empty())
         if self.hub is not None or self.recorder is not None:
             self._preview(frame, dets is not None)
-        self.slot.wanted_from_s = self._next_wanted_s()
+        self.next_wanted_ts = self._next_wanted_ts()
+        self.slot.wanted_from_mono = (time.monotonic() + self.next_wanted_ts - time.time()) if self.next_wanted_ts else 0.0
 
-    def _next_wanted_s(self) -> float:
+    def _next_wanted_ts(self) -> float:
         """The capture time from which the next frame is needed (0: every frame); frames before it are skipped."""
         d = self.cfg.detector
         if (self.tracker.awaiting_confirmation or self.recorder is not None
@@ -246,14 +257,14 @@ class CameraPipeline(Worker):
         ts = frame.ts
         h, w = img.shape[:2]
         dcfg = self.cfg.detector
-        if ts - self._last_full_ts >= dcfg.full_frame_interval_s - DUE_SLACK_S:
+        if _since(ts, self._last_full_ts) >= dcfg.full_frame_interval_s - DUE_SLACK_S:
             self._last_full_ts = self._last_check_ts = ts
             if self.motion is not None:
                 self.motion.changed(img, np.zeros((0, 4), np.float32))  # keeps its reference frame current
                 self._last_motion_ts = ts
             return self._full(img)
         predicted, lost = self.tracker.predicted(ts)
-        since_check, since_motion = ts - self._last_check_ts, ts - self._last_motion_ts
+        since_check, since_motion = _since(ts, self._last_check_ts), _since(ts, self._last_motion_ts)
         check = len(predicted) > 0 and (self.tracker.awaiting_confirmation
                                         or since_check >= dcfg.track_check_interval_s - DUE_SLACK_S)
         motion = self.motion is not None and since_motion >= dcfg.motion_interval_s - DUE_SLACK_S

@@ -84,7 +84,7 @@ class ScrfdDetector:
     def _input_hw(self, h: int, w: int) -> tuple[int, int]:
         if self.fixed_hw:
             return self.fixed_hw
-        s = self.input_max_px / max(h, w)
+        s = min(1.0, self.input_max_px / max(h, w))  # never upscaled: a crop costs what its pixels cost
         m = self.strides[-1]
         return (max(m, int(np.ceil(h * s / m)) * m), max(m, int(np.ceil(w * s / m)) * m))
 

@@ -19,13 +19,14 @@ class LatestSlot(Generic[T]):
         self._item: T | None = None
         self._on_drop = on_drop
         self.dropped = 0  # items overwritten before a get took them
-        # The taker's demand: no item is wanted before this time.time() (0: every item). The taker sets it, the
-        # putter reads it (a float assignment: no lock needed), so a source can skip converting frames no one uses.
-        self.wanted_from_s = 0.0
+        # The taker's demand: no item is wanted before this time.monotonic() (0: every item; inf: none, while the
+        # taker is busy). The taker sets it, the putter reads it (a float assignment: no lock needed), so a source
+        # can skip converting frames no one would use. Monotonic: a wall-clock step cannot stall a camera.
+        self.wanted_from_mono = 0.0
 
-    def wants(self, now_s: float) -> bool:
-        """Whether the taker wants an item now (see wanted_from_s)."""
-        return now_s >= self.wanted_from_s
+    def wants(self, now_mono: float) -> bool:
+        """Whether the taker wants an item now (see wanted_from_mono)."""
+        return now_mono >= self.wanted_from_mono
 
     def put(self, item: T) -> bool:
         """Store `item`, replacing any untaken one; returns True when that replaced (dropped) an item."""
