@@ -104,8 +104,14 @@ class DetectorConfig(_Section):
         0.2, ge=0.0, le=5.0, description="How often the picture is compared with the last comparison's to find "
         "changed regions away from tracked faces, which are then searched for new faces. 0 turns it off (new faces "
         "are then found by the full-frame search only).")
+    cut_check_interval_s: float | None = Field(
+        0.0, ge=0.0, le=5.0, description="How often the picture is checked for a cut: most of it changed at once (a "
+        "switched feed, a PTZ preset move, the lights), after which the whole frame is searched at once. 0 checks "
+        "every frame (a 40 px wide copy: a few hundredths of a millisecond); null turns it off (a cut is then found by "
+        "the motion comparison).")
     motion_threshold: int = Field(16, ge=1, le=255, description="Grey-level change (0-255, on a 4x smaller copy) "
-                                  "that counts as movement; higher ignores more noise and flicker.")
+                                  "that counts as movement (and, over most of the picture, as a cut); higher ignores "
+                                  "more noise and flicker.")
     input_max_px: int = Field(640, ge=64, le=4096, description="Frames are downscaled so their long side is at most "
                               "this before detection.")
 
@@ -117,6 +123,10 @@ class TrackerConfig(_Section):
     low_score: float = Field(0.5, ge=0, le=1, description="Detections between low and high only extend existing tracks.")
     match_iou: float = Field(0.2, gt=0, le=1, description="Minimum IoU to match a detection to a track; lower follows fast motion, risks swaps.")
     confirm_hits: int = Field(3, ge=1, le=100, description="Matched detections needed before a track is confirmed and announced.")
+    sure_score: float | None = Field(
+        0.95, ge=0, le=1, description="A new track whose detections all scored at least this is confirmed on its "
+        "second match instead of its confirm_hits-th: a face the detector is sure of is announced (and aged) sooner, "
+        "while doubtful detections still need confirm_hits. null: always confirm_hits.")
     lost_track_buffer_s: float = Field(
         1.5, ge=0, le=60, description="Seconds a lost track is kept for re-identification; longer bridges occlusions, risks swaps."
     )

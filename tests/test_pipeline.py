@@ -14,7 +14,7 @@ import pytest
 
 from agecam.config import parse
 from agecam.daemon.detect import nms, pick
-from agecam.daemon.motion import MotionFinder, search_boxes
+from agecam.daemon.motion import CutFinder, MotionFinder, search_boxes
 from agecam.daemon.pipeline import CameraPipeline
 from agecam.daemon.slot import LatestSlot
 from agecam.daemon.types import Detections, Frame
@@ -114,8 +114,8 @@ B = (420, 260, 500, 340)
 
 
 def test_a_still_face_is_checked_a_few_times_a_second_not_on_every_frame():
-    # given a face that stays put, and the default schedule (full search every 3 s, checks every 0.2 s)
-    pipe, events = _pipeline()
+    # given a face that stays put, the default schedule (full search every 3 s, checks every 0.2 s) and no cut checks
+    pipe, events = _pipeline({"cut_check_interval_s": None})
     det = pipe.detector
     # when 2.9 s of frames go by
     processed = _run(pipe, lambda t: ([A], 30), 2.9)
@@ -127,6 +127,39 @@ def test_a_still_face_is_checked_a_few_times_a_second_not_on_every_frame():
     assert len(processed) <= 22, f"{len(processed)} of {int(2.9 * FPS)} frames processed; a still scene needs ~7/s"
     # and the track never went lost between checks
     assert all(rec.track.state == "confirmed" for rec in pipe.records.values())
+
+
+def test_cut_checks_look_at_every_frame_without_running_the_detector_more():
+    # given the same still face with the default cut check on every frame
+    pipe, _ = _pipeline()
+    det = pipe.detector
+    # when 2.9 s of frames go by
+    processed = _run(pipe, lambda t: ([A], 30), 2.9)
+    # then every frame was looked at, but the detector ran as often as without cut checks
+    assert len(processed) == int(2.9 * FPS) and pipe.stats.cuts == 0
+    assert len(det.full_calls) == 1 and 12 <= det.region_calls <= 18, (det.full_calls, det.region_calls)
+
+
+@pytest.mark.parametrize("cut_check_interval_s, searched_within_frames", [(0.0, 0), (None, 4)])
+def test_a_cut_is_searched_in_full_on_its_first_frame(cut_check_interval_s, searched_within_frames):
+    # given a tracked face, and cut checks on every frame (default) or off (the motion comparison notices, later)
+    pipe, _ = _pipeline({"cut_check_interval_s": cut_check_interval_s})
+    det = pipe.detector
+    _run(pipe, lambda t: ([A], 30), 1.0)
+    searches = len(det.full_calls)
+    # when the picture cuts to another scene (another background, another face elsewhere) at frame 15
+    cut_frame = int(1.0 * FPS)
+    found_at = []
+    for i in range(cut_frame, cut_frame + 8):
+        _run(pipe, lambda t: ([B], 120), 1 / FPS, start=i)
+        if len(det.full_calls) > searches and not found_at:
+            found_at.append(i)
+    # then the whole frame is searched on the cut's first frame (or up to a motion interval later without checks)
+    assert found_at and found_at[0] - cut_frame <= searched_within_frames, (found_at, cut_frame)
+    if cut_check_interval_s is not None:
+        assert pipe.stats.cuts == 1 and found_at[0] == cut_frame
+        # and the new face, found with a sure score, is announced on its second frame
+        assert any(rec.track.box_xyxy[0] > 300 for rec in pipe.records.values()), _tracked(pipe)
 
 
 def test_a_new_face_is_found_where_the_picture_changed_without_a_full_search():
@@ -169,8 +202,8 @@ def test_when_the_whole_picture_changes_the_whole_frame_is_searched():
 
 
 def test_every_frame_is_wanted_while_a_new_track_awaits_confirmation():
-    # given a face just found by the first full search (tentative: it needs more matches)
-    pipe, _ = _pipeline()
+    # given a face just found by the first full search (tentative: it needs more matches), no cut checks
+    pipe, _ = _pipeline({"cut_check_interval_s": None})
     _run(pipe, lambda t: ([A], 30), 1 / FPS)
     # then the very next frame is wanted
     assert pipe.tracker.awaiting_confirmation and pipe.next_wanted_ts == 0.0 and pipe.slot.wanted_from_mono == 0.0
@@ -208,20 +241,34 @@ def test_a_lost_track_drifting_off_the_picture_does_not_hide_a_new_face():
     assert len(boxes) == 1, boxes
 
 
-def test_a_wall_clock_step_back_does_not_stop_the_checks():
+@pytest.mark.parametrize("cut_check_interval_s", [0.0, None])
+def test_a_wall_clock_step_back_does_not_stop_the_checks(cut_check_interval_s):
     # given a tracked face
-    pipe, _ = _pipeline()
+    pipe, _ = _pipeline({"cut_check_interval_s": cut_check_interval_s})
     det = pipe.detector
     _run(pipe, lambda t: ([A], 30), 1.0)
     checks = det.region_calls
-    # when the wall clock steps back an hour (NTP) and frames go on from there (the capture thread waits on the
+    # when the wall clock steps back ten minutes (NTP) and frames go on from there (the capture thread waits on the
     # monotonic clock, so the next frame it is asked for still comes)
-    t0 = 1000.0 - 3600.0
+    t0 = 1000.0 - 600.0
     pipe.process(Frame(image=_picture([A], 30), frame_id=15, ts=t0 + 15 / FPS, camera="c"))
     _run(pipe, lambda t: ([A], 30), 1.0, t0=t0, start=16)
     # then the face is still checked about 5 times a second, and frames are still wanted
     assert det.region_calls - checks >= 4, f"{det.region_calls - checks} checks in the second after the step"
     assert pipe.next_wanted_ts <= pipe.last_frame_ts + 1.0
+
+
+def test_cut_finder_tells_a_new_picture_from_movement_in_one():
+    finder = CutFinder(threshold=16)
+    # the first frame is only remembered, and the same picture again is no cut
+    assert not finder.is_cut(_picture([A], 30)) and not finder.is_cut(_picture([A], 30))
+    # a face moving, or a second one walking in, changes a small part of the picture: no cut
+    assert not finder.is_cut(_picture([(140, 100, 220, 180), B], 30))
+    # the lights, or a switched feed: most of the picture changed at once
+    assert finder.is_cut(_picture([A], 120))
+    assert finder.is_cut(_picture([A], 30)), "the comparison is with the previous call's frame"
+    # a frame of another shape (the stream changed to 16:9) is remembered, not compared
+    assert not finder.is_cut(np.full((180, 320, 3), 200, np.uint8))
 
 
 def test_search_boxes_grow_clip_and_merge():
@@ -233,7 +280,7 @@ def test_search_boxes_grow_clip_and_merge():
 
 
 @pytest.mark.slow
-def test_the_real_daemon_analyses_fewer_frames_than_it_receives_and_still_ages_faces(models_dir):
+def test_the_real_daemon_runs_the_detector_on_few_frames_and_still_ages_faces(models_dir):
     # given the real detector and age model on the demo scene (15 fps, faces entering, leaving and crossing)
     from tests.helpers import running_app
 
@@ -244,9 +291,13 @@ def test_the_real_daemon_analyses_fewer_frames_than_it_receives_and_still_ages_f
         time.sleep(4.0)
         cam = app.health().cameras["lobby"]
         stats = app.pipelines["lobby"].stats
-    # then health reports the source's frame rate and, separately, the lower rate the pipeline looked at
+    # then health reports the source's frame rate and, separately, the rate the pipeline looked at (every frame,
+    # for cuts, by default)
     assert 12.0 <= cam.fps <= 16.5, f"source fps {cam.fps:.1f}, the demo plays at 15"
-    assert 0 < cam.analysed_fps < 0.8 * cam.fps, f"analysed {cam.analysed_fps:.1f} of {cam.fps:.1f} fps"
+    assert 0.8 * cam.fps <= cam.analysed_fps <= 1.1 * cam.fps, f"analysed {cam.analysed_fps:.1f} of {cam.fps:.1f} fps"
+    # but the detector ran on a minority of them (motion searches come with a check of the tracks)
+    runs = stats.region_searches + stats.full_searches
+    assert runs < 0.6 * stats.frames, f"the detector ran on {runs} of {stats.frames} frames: {vars(stats)}"
     # and the whole frame was searched only as the safety net, the rest around tracks and where things moved
     assert stats.region_searches > 3 * stats.full_searches, vars(stats)
     assert stats.motion_searches > 0, "the demo's faces enter the picture: some were found by motion"

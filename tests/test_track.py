@@ -76,6 +76,42 @@ def test_confirm_hits_respected(confirm_hits):
     assert states == expected, f"confirm_hits={confirm_hits}: states per frame {states}, expected {expected}"
 
 
+@pytest.mark.parametrize("score, sure_score, confirmed_on_hit", [
+    (0.99, 0.95, 2),  # the detector is sure: announced on the second match
+    (0.90, 0.95, 3),  # doubtful: confirm_hits as usual
+    (0.99, None, 3),  # turned off
+])
+def test_a_face_the_detector_is_sure_of_is_confirmed_sooner(score, sure_score, confirmed_on_hit):
+    tracker = Tracker(TrackerConfig(confirm_hits=3, sure_score=sure_score))
+    states = [tracker.update(dets((200, 200, score)), i * 0.1)[0].state for i in range(4)]
+    assert states.index("confirmed") + 1 == confirmed_on_hit, states
+
+
+def test_one_doubtful_match_makes_a_track_wait_for_confirm_hits():
+    tracker = Tracker(TrackerConfig(confirm_hits=3, sure_score=0.95))
+    states = [tracker.update(dets((200, 200, s)), i * 0.1)[0].state for i, s in enumerate([0.85, 0.99, 0.99])]
+    assert states == ["tentative", "tentative", "confirmed"], states
+
+
+def test_a_face_of_another_size_over_a_track_is_someone_else():
+    # given a confirmed small face (40 px)
+    tracker = Tracker(TrackerConfig(confirm_hits=1, match_iou=0.2))
+    small = Detections(np.float32([[480, 170, 520, 210]]), np.float32([0.99]))
+    (t0,) = tracker.update(small, 0.0)
+    # when a face twice its size appears over it (overlapping enough for IoU 0.25, e.g. after a cut)
+    big = Detections(np.float32([[470, 160, 550, 240]]), np.float32([0.99]))
+    assert iou_matrix(small.boxes_xyxy, big.boxes_xyxy)[0, 0] >= 0.2
+    out = tracker.update(big, 0.1)
+    # then it starts a track of its own and the small face's track is lost, not moved onto it
+    by_id = {t.track_id: t for t in out}
+    assert by_id[t0.track_id].state == "lost" and len(by_id) == 2, out
+    # while a face that grows by a few percent per match keeps its track
+    tracker = Tracker(TrackerConfig(confirm_hits=1))
+    ids = {tracker.update(Detections(np.float32([[100, 100, 100 + s, 100 + s]]), np.float32([0.99])), i * 0.1)[0].track_id
+           for i, s in enumerate([40, 44, 48, 53, 58, 64])}
+    assert len(ids) == 1, ids
+
+
 def test_tentative_track_that_misses_is_dropped_silently():
     # given a face seen twice with confirm_hits=3
     tracker = Tracker(TrackerConfig(confirm_hits=3))

@@ -1,4 +1,5 @@
-"""Where the picture changed, away from known faces: frame differencing on a small grey copy, as boxes to search."""
+"""Where the picture changed, away from known faces, and when all of it did (a cut): frame differencing on small
+grey copies."""
 from __future__ import annotations
 
 import cv2
@@ -11,6 +12,33 @@ CELL_CHANGED_SHARE = 0.10  # a cell with at least this share of changed pixels h
 # is that person moving, not a new face, and is not searched (a face right beside a tracked one is left to the
 # full-frame search).
 EXCLUDE_SIDES = (0.75, 0.75, 0.75, 1.0)
+
+
+CUT_WIDTH_PX = 40  # cut checks compare copies this wide (40x30 for 4:3), made from every 8th pixel: ~0.03 ms
+CUT_SUBSAMPLE = 8
+CUT_CHANGED_SHARE = 0.5  # a cut: at least this share of the copy's pixels changed at once
+
+
+class CutFinder:
+    """Tells when most of the picture changed since the previous call: a cut (a switched feed, a PTZ preset move,
+    the lights). Cheap enough for every frame, so the faces of a new picture are searched for on its first frame
+    instead of at the next motion comparison. One per camera, called from its pipeline thread only."""
+
+    def __init__(self, threshold: int = 16):
+        self.threshold = int(threshold)
+        self._prev: np.ndarray | None = None
+
+    def is_cut(self, image_bgr: np.ndarray) -> bool:
+        """True when at least CUT_CHANGED_SHARE of the picture changed by more than the threshold since the last
+        call; the first call, and a call after a change of size, only remember the frame."""
+        h, w = image_bgr.shape[:2]
+        size = (CUT_WIDTH_PX, max(1, int(round(CUT_WIDTH_PX * h / w))))
+        tiny = cv2.cvtColor(cv2.resize(image_bgr[::CUT_SUBSAMPLE, ::CUT_SUBSAMPLE], size, interpolation=cv2.INTER_AREA),
+                            cv2.COLOR_BGR2GRAY)
+        prev, self._prev = self._prev, tiny
+        if prev is None or prev.shape != tiny.shape:
+            return False
+        return float(np.count_nonzero(cv2.absdiff(tiny, prev) > self.threshold)) >= CUT_CHANGED_SHARE * tiny.size
 
 
 class MotionFinder:

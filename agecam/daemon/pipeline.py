@@ -18,7 +18,7 @@ from agecam.daemon.chip import chip_quality
 from agecam.daemon.gate import QualityGate
 from agecam.daemon.detect import nms, pick
 from agecam.daemon.metrics import NullMetrics
-from agecam.daemon.motion import MotionFinder, search_boxes
+from agecam.daemon.motion import CutFinder, MotionFinder, search_boxes
 from agecam.daemon.sampling import Cadence, due_for_sample
 from agecam.daemon.smooth import AgeSmoother
 from agecam.daemon.track import Track, Tracker, TrackIds
@@ -66,6 +66,7 @@ class PipelineStats:
     full_searches: int = 0
     region_searches: int = 0
     motion_searches: int = 0
+    cuts: int = 0  # frames on which most of the picture changed at once
     fps: float = 0.0
     first_age_delays_s: deque = field(default_factory=lambda: deque(maxlen=STATS_KEEP))
     event_latencies_s: deque = field(default_factory=lambda: deque(maxlen=STATS_KEEP))
@@ -156,7 +157,9 @@ class CameraPipeline(Worker):
         self._last_full_ts = -1e18
         self._last_check_ts = -1e18
         self._last_motion_ts = -1e18
+        self._last_cut_ts = -1e18
         self.motion = MotionFinder(cfg.detector.motion_threshold) if cfg.detector.motion_interval_s > 0 else None
+        self.cuts = CutFinder(cfg.detector.motion_threshold) if cfg.detector.cut_check_interval_s is not None else None
         self._last_preview_s = 0.0
         self._last_preview_wall_s = 0.0  # capture time of the frame last drawn for the preview
         self.next_wanted_ts = 0.0  # capture time from which the next frame is needed (0: every frame)
@@ -236,6 +239,10 @@ class CameraPipeline(Worker):
                 or (self.hub is not None and self.hub.watching(self.cam.name))):
             return 0.0
         due = self._last_full_ts + d.full_frame_interval_s
+        if self.cuts is not None:
+            if d.cut_check_interval_s == 0:
+                return 0.0
+            due = min(due, self._last_cut_ts + d.cut_check_interval_s)
         if self.motion is not None:
             due = min(due, self._last_motion_ts + d.motion_interval_s)
         if self.tracker.n_live:
@@ -247,7 +254,8 @@ class CameraPipeline(Worker):
     def _detect(self, frame: Frame) -> Detections | None:
         """This frame's faces, or None when no detector ran: between checks, tracks follow their prediction.
 
-        The detector runs on the whole frame every full_frame_interval_s (the safety net); around the tracked faces
+        The detector runs on the whole frame every full_frame_interval_s (the safety net) and on the first frame of
+        a new picture (a cut, checked every cut_check_interval_s); around the tracked faces
         every track_check_interval_s and on every frame while a new track awaits confirmation; and on the regions
         that changed away from tracked faces, compared every motion_interval_s. A motion search always comes with a
         track check, so the tracker never sees a frame in which known faces were not looked for. Age samples are
@@ -257,7 +265,13 @@ class CameraPipeline(Worker):
         ts = frame.ts
         h, w = img.shape[:2]
         dcfg = self.cfg.detector
-        if _since(ts, self._last_full_ts) >= dcfg.full_frame_interval_s - DUE_SLACK_S:
+        cut = False
+        if self.cuts is not None and _since(ts, self._last_cut_ts) >= dcfg.cut_check_interval_s - DUE_SLACK_S:
+            self._last_cut_ts = ts
+            cut = self.cuts.is_cut(img)
+            if cut:
+                self.stats.cuts += 1
+        if cut or _since(ts, self._last_full_ts) >= dcfg.full_frame_interval_s - DUE_SLACK_S:
             self._last_full_ts = self._last_check_ts = ts
             if self.motion is not None:
                 self.motion.changed(img, np.zeros((0, 4), np.float32))  # keeps its reference frame current

@@ -21,6 +21,7 @@ _VEL_STD_PER_SQRT_S = 0.60  # drift of velocity per sqrt(second), in box heights
 _MEAS_STD = 0.05  # detector jitter on centre/size, in box heights
 _INIT_VEL_STD = 1.0  # velocity uncertainty of a new track, in box heights per second
 _MIN_SIDE_PX = 1.0
+MAX_SIDE_RATIO = 1.6  # the most a face's box side changes between two matches of its track
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ class _LiveTrack:
     """Mutable tracker-internal state of one track."""
 
     __slots__ = ("track_id", "state", "kf", "box", "seen_box", "det_score", "det_index", "first_seen_ts",
-                 "last_seen_ts", "hits", "ts")
+                 "last_seen_ts", "hits", "min_score", "ts")
 
     def __init__(self, track_id: int, box: np.ndarray, score: float, det_index: int, ts_s: float):
         self.track_id = track_id
@@ -129,6 +130,7 @@ class _LiveTrack:
         self.first_seen_ts = ts_s
         self.last_seen_ts = ts_s
         self.hits = 1
+        self.min_score = score  # the lowest score among its matches
         self.ts = ts_s  # time the filter state refers to
 
     def predict_to(self, ts_s: float) -> None:
@@ -145,6 +147,7 @@ class _LiveTrack:
         self.det_index = det_index
         self.last_seen_ts = ts_s
         self.hits += 1
+        self.min_score = min(self.min_score, score)
 
     def snapshot(self, state: TrackState | None = None) -> Track:
         state = state or self.state
@@ -174,7 +177,14 @@ def _assign(tracks: list[_LiveTrack], boxes: np.ndarray, min_iou: float) -> tupl
     """Optimal IoU matching: (matched (track_pos, box_pos) pairs, unmatched track positions, unmatched box positions)."""
     if not tracks or len(boxes) == 0:
         return [], list(range(len(tracks))), list(range(len(boxes)))
-    iou = iou_matrix(np.stack([t.box for t in tracks]), boxes)
+    track_boxes = np.stack([t.box for t in tracks])
+    iou = iou_matrix(track_boxes, boxes)
+    # a face does not change size by more than MAX_SIDE_RATIO between two matches: a big face overlapping a small
+    # track is someone else (after a cut, or walking past in front)
+    side_t = np.sqrt(np.clip((track_boxes[:, 2] - track_boxes[:, 0]) * (track_boxes[:, 3] - track_boxes[:, 1]), 1e-6, None))
+    side_b = np.sqrt(np.clip((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), 1e-6, None))
+    ratio = side_t[:, None] / side_b[None, :]
+    iou[(ratio > MAX_SIDE_RATIO) | (ratio < 1 / MAX_SIDE_RATIO)] = 0.0
     rows, cols = linear_sum_assignment(-iou)
     pairs = [(r, c) for r, c in zip(rows, cols) if iou[r, c] >= min_iou]
     matched_t = {r for r, _ in pairs}
@@ -255,7 +265,8 @@ class Tracker:
             if t.state == "tentative":
                 if not matched_now:
                     continue  # a tentative track that misses is dropped silently (never announced)
-                if t.hits >= cfg.confirm_hits:
+                sure = cfg.sure_score is not None and t.hits >= 2 and t.min_score >= cfg.sure_score
+                if t.hits >= cfg.confirm_hits or sure:
                     t.state = "confirmed"
             elif not matched_now:
                 t.state = "lost"
