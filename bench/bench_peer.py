@@ -266,6 +266,9 @@ def main() -> int:
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one agecam scenario in this process
     args = ap.parse_args()
     if args.one:
+        from agecam.daemon import memory
+
+        memory.limit_arenas()  # as `agecam run` does, before any thread starts
         clip, cams, sets = json.loads(args.one)
         print(json.dumps(run_agecam(clip, cams, sets)))
         return 0

@@ -1,10 +1,19 @@
-"""glibc malloc tuning for a long-running, multithreaded process: few arenas, and freed memory given back.
+"""glibc malloc tuning for a long-running, multithreaded process: one arena, a fixed mmap threshold, and freed
+memory given back after a reload.
 
 Each thread that allocates gets a malloc arena of its own (up to 8 per core), and memory freed in an arena stays
 in the process. A daemon that replaces its threads on every reload (SIGHUP) then grows by the arenas of threads
-long gone: measured +75 % RSS over 30 reloads of the demo config, flat after 15. Two arenas serve its few busy
-threads as well (the heavy work runs inside onnxruntime and OpenCV with their own pools), and trimming after a
-reload returns what the old threads freed. A no-op where the C library is not glibc.
+long gone: measured +75 % RSS over 30 reloads of the demo config. Two arenas still fragmented: 4 cameras with a
+viewer and a subscriber, reloaded every 30 s, grew 282 -> 309 MB in 20 reloads (heap 117 -> 152 MB, in use flat
+at ~97 MB); one arena stayed within 376-400 MB (in use ~113 MB) with this threshold, at no measurable CPU cost (the
+heavy work runs inside onnxruntime and OpenCV, which allocate little per call with the arena off).
+
+glibc also raises its mmap threshold each time a mapped block is freed (up to 32 MB), so what is mapped depends on
+history; a fixed threshold makes it the same every run. At 256 kB every frame, every detector activation and every
+resize was mapped and faulted in anew on each call: +35 % CPU per camera (bench/bench_peer.py, scene clip: 0.117
+against 0.087 CPU-s per camera-second). At 8 MB frames up to 1080p and the detector's buffers are reused from the
+heap; only the age model's batch activations are mapped (and given back at once). A no-op where the C library is
+not glibc.
 """
 from __future__ import annotations
 
@@ -16,11 +25,8 @@ log = logging.getLogger(__name__)
 
 M_ARENA_MAX = -8  # mallopt parameters (glibc malloc.h)
 M_MMAP_THRESHOLD = -3
-MALLOC_ARENAS = 2
-# Frames (640x480x3 = 900 kB) and decoder buffers are large: served by mmap they go back to the system when freed.
-# glibc raises its mmap threshold each time such a block is freed (up to 32 MB), after which frames come from the
-# heap and fragment it; a fixed threshold keeps them mmapped.
-MMAP_THRESHOLD_BYTES = 256 * 1024
+MALLOC_ARENAS = 1
+MMAP_THRESHOLD_BYTES = 8 * 1024 * 1024  # above a 1080p frame (6.2 MB), below the age model's batch activations
 
 
 def _libc():
