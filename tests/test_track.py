@@ -87,6 +87,18 @@ def test_a_face_the_detector_is_sure_of_is_confirmed_sooner(score, sure_score, c
     assert states.index("confirmed") + 1 == confirmed_on_hit, states
 
 
+@pytest.mark.parametrize("score, confirmed_at_once", [(0.99, True), (0.85, False)])
+def test_a_sure_face_on_a_new_scene_is_confirmed_at_once(score, confirmed_at_once):
+    # given a tracker, and a frame that starts a new picture (a cut)
+    tracker = Tracker(TrackerConfig(confirm_hits=3, sure_score=0.95))
+    (t,) = tracker.update(dets((200, 200, score)), 0.0, new_scene=True)
+    # then a face the detector is sure of is confirmed on it, a doubtful one waits for its matches
+    assert (t.state == "confirmed") is confirmed_at_once, t
+    # while on an ordinary frame the same sure face needs a second match
+    (u,) = Tracker(TrackerConfig(confirm_hits=3, sure_score=0.95)).update(dets((200, 200, score)), 0.0)
+    assert u.state == "tentative", u
+
+
 def test_one_doubtful_match_makes_a_track_wait_for_confirm_hits():
     tracker = Tracker(TrackerConfig(confirm_hits=3, sure_score=0.95))
     states = [tracker.update(dets((200, 200, s)), i * 0.1)[0].state for i, s in enumerate([0.85, 0.99, 0.99])]

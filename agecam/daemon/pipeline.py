@@ -158,6 +158,7 @@ class CameraPipeline(Worker):
         self._last_check_ts = -1e18
         self._last_motion_ts = -1e18
         self._last_cut_ts = -1e18
+        self._cut_now = False  # the frame being processed starts a new picture
         self.motion = MotionFinder(cfg.detector.motion_threshold) if cfg.detector.motion_interval_s > 0 else None
         self.cuts = CutFinder(cfg.detector.motion_threshold) if cfg.detector.cut_check_interval_s is not None else None
         self._last_preview_s = 0.0
@@ -209,7 +210,7 @@ class CameraPipeline(Worker):
         dets = self._detect(frame)
         t1 = time.perf_counter()
         if dets is not None:
-            self._advance(dets, frame.ts, frame)
+            self._advance(dets, frame.ts, frame, new_scene=self._cut_now)
         t2 = time.perf_counter()
         self.stats.frames += 1
         self.frame_wh = (frame.image.shape[1], frame.image.shape[0])
@@ -265,10 +266,10 @@ class CameraPipeline(Worker):
         ts = frame.ts
         h, w = img.shape[:2]
         dcfg = self.cfg.detector
-        cut = False
+        cut = self._cut_now = False
         if self.cuts is not None and _since(ts, self._last_cut_ts) >= dcfg.cut_check_interval_s - DUE_SLACK_S:
             self._last_cut_ts = ts
-            cut = self.cuts.is_cut(img)
+            cut = self._cut_now = self.cuts.is_cut(img)
             if cut:
                 self.stats.cuts += 1
         if cut or _since(ts, self._last_full_ts) >= dcfg.full_frame_interval_s - DUE_SLACK_S:
@@ -327,9 +328,9 @@ class CameraPipeline(Worker):
             return _shift(self.detector.detect(small), 0, 0, 1.0 / scale)
         return self.detector.detect(img)
 
-    def _advance(self, dets: Detections, ts: float, frame: Frame | None) -> None:
+    def _advance(self, dets: Detections, ts: float, frame: Frame | None, new_scene: bool = False) -> None:
         """Track, announce starts and ends, sample ages, send updates."""
-        tracks = self.tracker.update(dets, ts)
+        tracks = self.tracker.update(dets, ts, new_scene)
         for t in self.tracker.pop_ended():
             self._finish(t, ts)
         for t in tracks:

@@ -215,8 +215,11 @@ class Tracker:
         self._tracks: list[_LiveTrack] = []
         self._ended: list[Track] = []
 
-    def update(self, dets: Detections, ts_s: float) -> list[Track]:
-        """Advance to ts_s, associate dets, and return every live track (tentative, confirmed, lost) by id."""
+    def update(self, dets: Detections, ts_s: float, new_scene: bool = False) -> list[Track]:
+        """Advance to ts_s, associate dets, and return every live track (tentative, confirmed, lost) by id.
+
+        new_scene: this frame starts a new picture (a cut). As on a video's first frame in ByteTrack, a face the
+        detector is sure of (sure_score) is confirmed at once: nothing before the cut can confirm or refute it."""
         cfg = self.cfg
         # Tracks unseen for longer than the buffer end before association, so they cannot be revived.
         alive = []
@@ -276,7 +279,7 @@ class Tracker:
         for bi in rest_h3:
             d = int(left_high[bi])
             t = _LiveTrack(self._ids.next(), boxes[d], scores[d], d, ts_s)
-            if cfg.confirm_hits <= 1:
+            if cfg.confirm_hits <= 1 or (new_scene and cfg.sure_score is not None and scores[d] >= cfg.sure_score):
                 t.state = "confirmed"
             keep.append(t)
         self._tracks = keep
