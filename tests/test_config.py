@@ -100,6 +100,8 @@ def _cam(**kw) -> dict:
     ({**_cam(), "detector": {"track_check_interval_s": 1.0}},
      "tracker.lost_track_buffer_s: must be at least twice detector.track_check_interval_s (1.5 < 2 x 1)"),
     ({**_cam(), "detector": {"motion_threshold": 0}}, "detector.motion_threshold: Input should be greater than or equal to 1"),
+    ({**_cam(), "detector": {"cut_check_interval_s": -1}}, "detector.cut_check_interval_s: Input should be greater than or equal to 0"),
+    ({**_cam(), "tracker": {"sure_score": 0.8}}, "tracker.sure_score: must be above tracker.high_score (0.8 <= 0.8)"),
     (_cam(decode_threads=-1), "cameras[0].decode_threads: Input should be greater than or equal to 0"),
     (_cam(reconnect_min_s=10, reconnect_max_s=1), "cameras[0]: reconnect_min_s (10) must not exceed reconnect_max_s"),
     ({**_cam(), "age": {"stable_min_samples": 80, "max_samples": 60}}, "age: stable_min_samples (80) must not exceed"),

@@ -97,7 +97,7 @@ def _run(pipe, scene, seconds, t0=1000.0, start=0):
     processed = []
     for i in range(start, start + int(seconds * FPS)):
         ts = t0 + i / FPS
-        if ts < pipe.next_wanted_ts:
+        if pipe.next_wanted_ts and ts < pipe.next_wanted_ts:  # 0: every frame
             continue
         squares, level = scene(i / FPS)
         pipe.process(Frame(image=_picture(squares, level), frame_id=i, ts=ts, camera="c"))
@@ -163,6 +163,23 @@ def test_a_cut_is_searched_in_full_on_its_first_frame(cut_check_interval_s, sear
     assert announced_at, _tracked(pipe)
     if cut_check_interval_s is not None:
         assert pipe.stats.cuts == 1 and found_at[0] == cut_frame and announced_at[0] == cut_frame
+
+
+def test_a_pan_is_searched_in_full_a_few_times_a_second_not_on_every_frame():
+    # given a tracked face, and a camera that pans: every frame differs from the last over most of the picture
+    pipe, _ = _pipeline()
+    det = pipe.detector
+    _run(pipe, lambda t: ([A], 30), 1.0)
+    searches = len(det.full_calls)
+    stripes = (75 + 60 * np.sin(np.arange(W + 600) * 2 * np.pi / 64)).astype(np.uint8)  # a fence, 64 px apart
+    texture = np.repeat(np.repeat(stripes[None, :, None], H, axis=0), 3, axis=2)
+    for i in range(15, 60):  # 3 s of panning at 200 px/s
+        x = int((i - 15) * 200 / FPS)
+        img = np.ascontiguousarray(texture[:, x:x + W])
+        pipe.process(Frame(image=img, frame_id=i, ts=1000.0 + i / FPS, camera="c"))
+    # then every frame was a cut, but the whole frame was searched at most 5 times a second
+    assert pipe.stats.cuts >= 40, pipe.stats.cuts
+    assert len(det.full_calls) - searches <= 16, f"{len(det.full_calls) - searches} full searches in 3 s of panning"
 
 
 def test_a_new_face_is_found_where_the_picture_changed_without_a_full_search():
@@ -251,14 +268,17 @@ def test_a_wall_clock_step_back_does_not_stop_the_checks(cut_check_interval_s):
     det = pipe.detector
     _run(pipe, lambda t: ([A], 30), 1.0)
     checks = det.region_calls
-    # when the wall clock steps back ten minutes (NTP) and frames go on from there (the capture thread waits on the
+    # when the wall clock steps back an hour (NTP) and frames go on from there (the capture thread waits on the
     # monotonic clock, so the next frame it is asked for still comes)
-    t0 = 1000.0 - 600.0
+    t0 = 1000.0 - 3600.0
     pipe.process(Frame(image=_picture([A], 30), frame_id=15, ts=t0 + 15 / FPS, camera="c"))
     _run(pipe, lambda t: ([A], 30), 1.0, t0=t0, start=16)
     # then the face is still checked about 5 times a second, and frames are still wanted
     assert det.region_calls - checks >= 4, f"{det.region_calls - checks} checks in the second after the step"
-    assert pipe.next_wanted_ts <= pipe.last_frame_ts + 1.0
+    if cut_check_interval_s is None:
+        assert pipe.next_wanted_ts != 0.0 and pipe.next_wanted_ts <= pipe.last_frame_ts + 1.0, pipe.next_wanted_ts
+    else:
+        assert pipe.next_wanted_ts == 0.0, "with cut checks on every frame, every frame is wanted"
 
 
 def test_cut_finder_tells_a_new_picture_from_movement_in_one():
@@ -270,8 +290,11 @@ def test_cut_finder_tells_a_new_picture_from_movement_in_one():
     # the lights, or a switched feed: most of the picture changed at once
     assert finder.is_cut(_picture([A], 120))
     assert finder.is_cut(_picture([A], 30)), "the comparison is with the previous call's frame"
-    # a frame of another shape (the stream changed to 16:9) is remembered, not compared
-    assert not finder.is_cut(np.full((180, 320, 3), 200, np.uint8))
+    # a new frame size (the stream was reconfigured) is a new picture, whatever its content
+    assert finder.is_cut(np.full((960, 1280, 3), 30, np.uint8)) and finder.is_cut(np.full((180, 320, 3), 30, np.uint8))
+    assert not finder.is_cut(np.full((180, 320, 3), 30, np.uint8))
+    # and a frame with no pixels is no cut (nor an error)
+    assert not finder.is_cut(np.zeros((0, 320, 3), np.uint8))
 
 
 def test_search_boxes_grow_clip_and_merge():

@@ -99,6 +99,17 @@ def test_a_sure_face_on_a_new_scene_is_confirmed_at_once(score, confirmed_at_onc
     assert u.state == "tentative", u
 
 
+@pytest.mark.parametrize("shift_px, keeps_id", [(4, True), (30, False)])
+def test_after_a_cut_a_track_keeps_only_a_face_found_where_it_was(shift_px, keeps_id):
+    # given a confirmed face (80 px)
+    tracker = Tracker(TrackerConfig(confirm_hits=1))
+    (t0,) = tracker.update(dets((200, 200, 0.99)), 0.0)
+    # when the picture cuts and a face is found a little (the lights changed) or clearly (someone else) aside
+    out = tracker.update(dets((200 + shift_px, 200, 0.99)), 0.1, new_scene=True)
+    # then only the first keeps the track; IoU 0.45 at 30 px would have matched on an ordinary frame
+    assert (t0.track_id in {t.track_id for t in out if t.state == "confirmed"}) is keeps_id, out
+
+
 def test_one_doubtful_match_makes_a_track_wait_for_confirm_hits():
     tracker = Tracker(TrackerConfig(confirm_hits=3, sure_score=0.95))
     states = [tracker.update(dets((200, 200, s)), i * 0.1)[0].state for i, s in enumerate([0.85, 0.99, 0.99])]

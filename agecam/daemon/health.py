@@ -39,7 +39,7 @@ class CameraHealth:
     fps: float  # frames per second arriving from the source
     tracks: int
     last_frame_age_s: float | None  # since the capture time of the last frame the pipeline analysed
-    analysed_fps: float = 0.0  # frames per second the pipeline looked at (the rest were not needed)
+    analysed_fps: float = 0.0  # frames per second the pipeline looked at (all, with cut checks on every frame)
 
     @property
     def ok(self) -> bool:

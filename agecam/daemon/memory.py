@@ -4,16 +4,17 @@ memory given back after a reload.
 Each thread that allocates gets a malloc arena of its own (up to 8 per core), and memory freed in an arena stays
 in the process. A daemon that replaces its threads on every reload (SIGHUP) then grows by the arenas of threads
 long gone: measured +75 % RSS over 30 reloads of the demo config. Two arenas still fragmented: 4 cameras with a
-viewer and a subscriber, reloaded every 30 s, grew 282 -> 309 MB in 20 reloads (heap 117 -> 152 MB, in use flat
-at ~97 MB); one arena stayed within 376-400 MB (in use ~113 MB) with this threshold, at no measurable CPU cost (the
-heavy work runs inside onnxruntime and OpenCV, which allocate little per call with the arena off).
+viewer and a subscriber, reloaded every 30 s, grew 282 -> 309 MB in 20 reloads (heap 117 -> 152 MB while in use
+stayed at ~97 MB). One arena, same run and threshold: 274 -> 281 MB, heap flat (114 -> 120 MB), at no measurable
+CPU cost (the heavy work runs inside onnxruntime and OpenCV).
 
 glibc also raises its mmap threshold each time a mapped block is freed (up to 32 MB), so what is mapped depends on
 history; a fixed threshold makes it the same every run. At 256 kB every frame, every detector activation and every
 resize was mapped and faulted in anew on each call: +35 % CPU per camera (bench/bench_peer.py, scene clip: 0.117
 against 0.087 CPU-s per camera-second). At 8 MB frames up to 1080p and the detector's buffers are reused from the
-heap; only the age model's batch activations are mapped (and given back at once). A no-op where the C library is
-not glibc.
+heap; only the age model's batch activations are mapped (and given back at once). The price is resident memory:
+those reused buffers stay, ~+100 MB with 4 cameras (the same reload run: 376 -> 388 MB over 20 reloads, flat).
+A no-op where the C library is not glibc.
 """
 from __future__ import annotations
 

@@ -27,17 +27,24 @@ class CutFinder:
     def __init__(self, threshold: int = 16):
         self.threshold = int(threshold)
         self._prev: np.ndarray | None = None
+        self._prev_hw: tuple[int, int] | None = None
 
     def is_cut(self, image_bgr: np.ndarray) -> bool:
         """True when at least CUT_CHANGED_SHARE of the picture changed by more than the threshold since the last
-        call; the first call, and a call after a change of size, only remember the frame."""
+        call, or the frame size changed (a new stream: tracks are in the old pixels); the first call only remembers
+        the frame."""
         h, w = image_bgr.shape[:2]
+        if h == 0 or w == 0:
+            return False
         size = (CUT_WIDTH_PX, max(1, int(round(CUT_WIDTH_PX * h / w))))
         tiny = cv2.cvtColor(cv2.resize(image_bgr[::CUT_SUBSAMPLE, ::CUT_SUBSAMPLE], size, interpolation=cv2.INTER_AREA),
                             cv2.COLOR_BGR2GRAY)
-        prev, self._prev = self._prev, tiny
-        if prev is None or prev.shape != tiny.shape:
+        prev, prev_hw = self._prev, self._prev_hw
+        self._prev, self._prev_hw = tiny, (h, w)
+        if prev is None:
             return False
+        if prev_hw != (h, w):
+            return True
         return float(np.count_nonzero(cv2.absdiff(tiny, prev) > self.threshold)) >= CUT_CHANGED_SHARE * tiny.size
 
 

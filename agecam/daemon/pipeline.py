@@ -35,6 +35,7 @@ MOTION_MIN_SIDE_FACES = 3.0  # a changed region is searched in a square of at le
 MERGE_IOU = 0.4  # a track check and a motion search that found the same face: one detection
 MIN_CROP_PX = 12  # the smallest image a detector can look at (MTCNN's P-Net window)
 DUE_SLACK_S = 0.02  # a stage due within this much of a frame's time runs on that frame (frames jitter)
+CUT_SEARCH_MIN_INTERVAL_S = 0.2  # during a pan every frame is a cut: the whole frame is searched at most this often
 
 
 @dataclass
@@ -158,7 +159,9 @@ class CameraPipeline(Worker):
         self._last_check_ts = -1e18
         self._last_motion_ts = -1e18
         self._last_cut_ts = -1e18
-        self._cut_now = False  # the frame being processed starts a new picture
+        self._cut_now = False  # the frame being processed starts a new picture (and is searched in full)
+        self._prev_cut = False  # the last frame checked for a cut was one
+        self._last_cut_search_ts = -1e18
         self.motion = MotionFinder(cfg.detector.motion_threshold) if cfg.detector.motion_interval_s > 0 else None
         self.cuts = CutFinder(cfg.detector.motion_threshold) if cfg.detector.cut_check_interval_s is not None else None
         self._last_preview_s = 0.0
@@ -269,9 +272,16 @@ class CameraPipeline(Worker):
         cut = self._cut_now = False
         if self.cuts is not None and _since(ts, self._last_cut_ts) >= dcfg.cut_check_interval_s - DUE_SLACK_S:
             self._last_cut_ts = ts
-            cut = self._cut_now = self.cuts.is_cut(img)
+            cut = self.cuts.is_cut(img)
+            first, self._prev_cut = cut and not self._prev_cut, cut
             if cut:
                 self.stats.cuts += 1
+                # during a pan every frame is a cut: searched in full at most every CUT_SEARCH_MIN_INTERVAL_S, and
+                # only its first frame starts a new picture for the tracker
+                cut = _since(ts, self._last_cut_search_ts) >= CUT_SEARCH_MIN_INTERVAL_S - DUE_SLACK_S
+                if cut:
+                    self._last_cut_search_ts = ts
+                self._cut_now = cut and first
         if cut or _since(ts, self._last_full_ts) >= dcfg.full_frame_interval_s - DUE_SLACK_S:
             self._last_full_ts = self._last_check_ts = ts
             if self.motion is not None:

@@ -22,6 +22,9 @@ _MEAS_STD = 0.05  # detector jitter on centre/size, in box heights
 _INIT_VEL_STD = 1.0  # velocity uncertainty of a new track, in box heights per second
 _MIN_SIDE_PX = 1.0
 MAX_SIDE_RATIO = 1.6  # the most a face's box side changes between two matches of its track
+# On a cut's first frame a track only keeps a face found where it was (the lights changed, the face did not move):
+# a face merely near an old track's place is someone in the new picture.
+NEW_SCENE_MATCH_IOU = 0.5
 
 
 @dataclass(frozen=True)
@@ -218,8 +221,9 @@ class Tracker:
     def update(self, dets: Detections, ts_s: float, new_scene: bool = False) -> list[Track]:
         """Advance to ts_s, associate dets, and return every live track (tentative, confirmed, lost) by id.
 
-        new_scene: this frame starts a new picture (a cut). As on a video's first frame in ByteTrack, a face the
-        detector is sure of (sure_score) is confirmed at once: nothing before the cut can confirm or refute it."""
+        new_scene: this frame starts a new picture (a cut). Tracks from before it match only at NEW_SCENE_MATCH_IOU
+        (or match_iou if higher); and, as on a video's first frame in ByteTrack, a new face the detector is sure of
+        (sure_score) is confirmed at once."""
         cfg = self.cfg
         # Tracks unseen for longer than the buffer end before association, so they cannot be revived.
         alive = []
@@ -243,20 +247,21 @@ class Tracker:
 
         # Stage 1: high-score detections against confirmed and lost tracks.
         pool = active + lost
-        pairs, rest_t, rest_h = _assign(pool, boxes[high_idx], cfg.match_iou)
+        match_iou = max(cfg.match_iou, NEW_SCENE_MATCH_IOU) if new_scene else cfg.match_iou
+        pairs, rest_t, rest_h = _assign(pool, boxes[high_idx], match_iou)
         for ti, bi in pairs:
             d = int(high_idx[bi])
             pool[ti].match(boxes[d], scores[d], d, ts_s)
             pool[ti].state = "confirmed"
         # Stage 2: low-score detections keep confirmed tracks alive (they never revive lost ones).
         rest_active = [pool[i] for i in rest_t if pool[i].state == "confirmed"]
-        pairs2, _, _ = _assign(rest_active, boxes[low_idx], cfg.match_iou)
+        pairs2, _, _ = _assign(rest_active, boxes[low_idx], match_iou)
         for ti, bi in pairs2:
             d = int(low_idx[bi])
             rest_active[ti].match(boxes[d], scores[d], d, ts_s)
         # Stage 3: tentative tracks take the remaining high-score detections.
         left_high = high_idx[rest_h]
-        pairs3, _, rest_h3 = _assign(tentative, boxes[left_high], cfg.match_iou)
+        pairs3, _, rest_h3 = _assign(tentative, boxes[left_high], match_iou)
         for ti, bi in pairs3:
             d = int(left_high[bi])
             tentative[ti].match(boxes[d], scores[d], d, ts_s)
