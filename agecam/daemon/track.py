@@ -273,8 +273,7 @@ class Tracker:
             if t.state == "tentative":
                 if not matched_now:
                     continue  # a tentative track that misses is dropped silently (never announced)
-                sure = cfg.sure_score is not None and t.hits >= 2 and t.min_score >= cfg.sure_score
-                if t.hits >= cfg.confirm_hits or sure:
+                if t.hits >= cfg.confirm_hits or (t.hits >= 2 and self._sure(t.min_score)):
                     t.state = "confirmed"
             elif not matched_now:
                 t.state = "lost"
@@ -284,11 +283,15 @@ class Tracker:
         for bi in rest_h3:
             d = int(left_high[bi])
             t = _LiveTrack(self._ids.next(), boxes[d], scores[d], d, ts_s)
-            if cfg.confirm_hits <= 1 or (new_scene and cfg.sure_score is not None and scores[d] >= cfg.sure_score):
+            if cfg.confirm_hits <= 1 or (new_scene and self._sure(scores[d])):
                 t.state = "confirmed"
             keep.append(t)
         self._tracks = keep
         return self.tracks
+
+    def _sure(self, score: float) -> bool:
+        """The detector is sure of a face with this score (tracker.sure_score; never when null)."""
+        return self.cfg.sure_score is not None and score >= self.cfg.sure_score
 
     @property
     def awaiting_confirmation(self) -> bool:
